@@ -1,0 +1,545 @@
+//! The admission table: live stream counts per route, per route key, per client
+//! and per client across all routes, and the RAII [`Permit`] that holds one slot
+//! in each of them.
+//!
+//! Invariants:
+//! - a count never exceeds its limit when it is enforced (dry-run may exceed it);
+//! - every slot taken is given back exactly once, by [`Permit`]'s `Drop`;
+//! - a key whose count falls to zero is removed, so memory follows live streams.
+//!
+//! Counts live in the table, keyed by route name, not in the config: a reload
+//! swaps limits while the counts of routes that keep their name carry over.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, Hash};
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+/// Number of lock shards per keyed counter; a power of two.
+const SHARDS: usize = 16;
+
+/// What one limit counts. Label values for metrics come from here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Scope {
+    /// Every stream of the route.
+    Route,
+    /// Streams of one route key, e.g. one room.
+    Key,
+    /// Streams of one client within the route.
+    Client,
+    /// Streams of one client across all routes.
+    GlobalClient,
+}
+
+impl Scope {
+    pub const ALL: [Scope; 4] = [Scope::Route, Scope::Key, Scope::Client, Scope::GlobalClient];
+
+    /// The metric label and the word used in refusal bodies.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::Route => "route",
+            Scope::Key => "key",
+            Scope::Client => "client",
+            Scope::GlobalClient => "global_client",
+        }
+    }
+}
+
+/// The limits of one route; `None` is unlimited.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RouteLimits {
+    pub total: Option<u32>,
+    pub per_key: Option<u32>,
+    pub per_client: Option<u32>,
+}
+
+/// Everything admission needs to know about one upgrade request.
+#[derive(Debug, Clone, Copy)]
+pub struct Ask<'a> {
+    pub limits: RouteLimits,
+    /// Limit per client across all routes.
+    pub global_per_client: Option<u32>,
+    /// The route key (e.g. the room), when the route names one.
+    pub key: Option<&'a str>,
+    /// The client's counting identity (already masked to its IPv6 prefix).
+    pub client: IpAddr,
+    /// Exempt clients skip the per-client scopes, never the route or key.
+    pub client_exempt: bool,
+    /// Count and report, never refuse.
+    pub dry_run: bool,
+}
+
+/// The answer to an [`Ask`].
+#[must_use]
+#[derive(Debug)]
+pub enum Admission {
+    /// Slots were taken in every scope. `would_refuse` is set in dry-run mode
+    /// when an enforced run would have refused the stream in that scope.
+    Admitted {
+        permit: Permit,
+        would_refuse: Option<Scope>,
+    },
+    /// No slot was taken anywhere; `Scope` is the first full one.
+    Refused(Scope),
+}
+
+/// A count per key, sharded to keep lock hold times short under contention.
+#[derive(Debug)]
+pub struct KeyedCounter<K> {
+    shards: Box<[Mutex<HashMap<K, u32>>]>,
+    hasher: std::collections::hash_map::RandomState,
+    tracked: AtomicUsize,
+}
+
+impl<K: Hash + Eq + Clone> Default for KeyedCounter<K> {
+    fn default() -> Self {
+        Self {
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            hasher: Default::default(),
+            tracked: AtomicUsize::new(0),
+        }
+    }
+}
+
+impl<K: Hash + Eq + Clone> KeyedCounter<K> {
+    fn shard<Q>(&self, key: &Q) -> MutexGuard<'_, HashMap<K, u32>>
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: Hash + ?Sized,
+    {
+        let i = self.hasher.hash_one(key) as usize & (SHARDS - 1);
+        // A poisoned shard only means another thread panicked while holding it;
+        // the counts inside were updated before any code that can panic.
+        self.shards[i].lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Takes one slot for `key` unless it already holds `limit`. With `force`,
+    /// takes it anyway and reports whether it would have been refused.
+    fn acquire<Q>(&self, key: &Q, limit: u32, force: bool) -> Taken
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: Hash + Eq + ToOwned + ?Sized,
+        Q::Owned: Into<K>,
+    {
+        let mut shard = self.shard(key);
+        let current = shard.get(key).copied().unwrap_or(0);
+        let over = current >= limit;
+        if over && !force {
+            return Taken::No;
+        }
+
+        if current == 0 {
+            shard.insert(key.to_owned().into(), 1);
+            self.tracked.fetch_add(1, Ordering::Relaxed);
+        } else if let Some(count) = shard.get_mut(key) {
+            *count += 1;
+        }
+        if over {
+            Taken::OverLimit
+        } else {
+            Taken::Yes
+        }
+    }
+
+    fn release<Q>(&self, key: &Q)
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        let mut shard = self.shard(key);
+        let Some(count) = shard.get_mut(key) else {
+            debug_assert!(false, "released a key that holds no slot");
+            return;
+        };
+        *count -= 1;
+        if *count == 0 {
+            shard.remove(key);
+            self.tracked.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// How many keys hold at least one slot.
+    pub fn tracked(&self) -> usize {
+        self.tracked.load(Ordering::Relaxed)
+    }
+
+    /// The current count of one key.
+    pub fn get<Q>(&self, key: &Q) -> u32
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        self.shard(key).get(key).copied().unwrap_or(0)
+    }
+
+    /// The `n` keys with the highest counts, highest first.
+    pub fn busiest(&self, n: usize) -> Vec<(K, u32)> {
+        let mut all: Vec<(K, u32)> = Vec::new();
+        for shard in self.shards.iter() {
+            let shard = shard.lock().unwrap_or_else(|e| e.into_inner());
+            all.extend(shard.iter().map(|(k, v)| (k.clone(), *v)));
+        }
+        all.sort_unstable_by(|a, b| b.1.cmp(&a.1));
+        all.truncate(n);
+        all
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Taken {
+    Yes,
+    OverLimit,
+    No,
+}
+
+/// The live counts of one route. Shared by the table and every permit of the
+/// route, so a route removed by a reload stays valid until its last stream ends.
+#[derive(Debug, Default)]
+pub struct RouteSlots {
+    live: AtomicU32,
+    keys: KeyedCounter<Box<str>>,
+    clients: KeyedCounter<IpAddr>,
+}
+
+impl RouteSlots {
+    /// Live streams of the route.
+    pub fn live(&self) -> u32 {
+        self.live.load(Ordering::Acquire)
+    }
+
+    pub fn keys(&self) -> &KeyedCounter<Box<str>> {
+        &self.keys
+    }
+
+    pub fn clients(&self) -> &KeyedCounter<IpAddr> {
+        &self.clients
+    }
+
+    /// Takes a route slot: a compare-and-swap loop, so the limit is exact
+    /// however many threads race for the last slot.
+    fn acquire_total(&self, limit: Option<u32>, force: bool) -> Taken {
+        let limit = limit.unwrap_or(u32::MAX);
+        let mut current = self.live.load(Ordering::Relaxed);
+        loop {
+            let over = current >= limit;
+            if over && !force {
+                return Taken::No;
+            }
+            match self.live.compare_exchange_weak(
+                current,
+                current.saturating_add(1),
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) if over => return Taken::OverLimit,
+                Ok(_) => return Taken::Yes,
+                Err(seen) => current = seen,
+            }
+        }
+    }
+}
+
+/// All live counts of the process.
+#[derive(Debug, Default)]
+pub struct AdmissionTable {
+    routes: Mutex<HashMap<Arc<str>, Arc<RouteSlots>>>,
+    global_clients: Arc<KeyedCounter<IpAddr>>,
+}
+
+impl AdmissionTable {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The counts of a route, created on first use. Called once per route when
+    /// a config is applied, never per request.
+    pub fn route(&self, name: &str) -> Arc<RouteSlots> {
+        let mut routes = self.routes.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(slots) = routes.get(name) {
+            return slots.clone();
+        }
+        let slots = Arc::new(RouteSlots::default());
+        routes.insert(Arc::from(name), slots.clone());
+        slots
+    }
+
+    /// Forgets routes that are no longer configured and hold no stream; a
+    /// route with live streams is kept until a later call finds it empty.
+    pub fn retain_routes(&self, configured: &[&str]) {
+        let mut routes = self.routes.lock().unwrap_or_else(|e| e.into_inner());
+        routes.retain(|name, slots| {
+            configured.contains(&name.as_ref()) || Arc::strong_count(slots) > 1
+        });
+    }
+
+    /// Every route the table knows, configured or draining.
+    pub fn routes(&self) -> Vec<(Arc<str>, Arc<RouteSlots>)> {
+        let routes = self.routes.lock().unwrap_or_else(|e| e.into_inner());
+        routes.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+    }
+
+    pub fn global_clients(&self) -> &KeyedCounter<IpAddr> {
+        &self.global_clients
+    }
+
+    /// Takes a slot in every scope that applies to `ask`, or in none.
+    ///
+    /// Scopes are taken from the narrowest (one client) to the widest (the
+    /// route), and rolled back in reverse when one is full. Narrow first means a
+    /// refused client briefly holds only its own slots, not a route slot that a
+    /// concurrent request from someone else could have used.
+    pub fn admit(&self, route: &Arc<RouteSlots>, ask: &Ask<'_>) -> Admission {
+        let mut permit = Permit {
+            route: route.clone(),
+            global: None,
+            client: None,
+            key: None,
+            total: false,
+        };
+        let mut would_refuse = None;
+        let mut note = |taken: Taken, scope: Scope| match taken {
+            Taken::Yes => true,
+            Taken::OverLimit => {
+                would_refuse.get_or_insert(scope);
+                true
+            }
+            Taken::No => false,
+        };
+
+        if !ask.client_exempt {
+            if let Some(limit) = ask.global_per_client {
+                let taken = self.global_clients.acquire(&ask.client, limit, ask.dry_run);
+                if !note(taken, Scope::GlobalClient) {
+                    return Admission::Refused(Scope::GlobalClient);
+                }
+                permit.global = Some((self.global_clients.clone(), ask.client));
+            }
+            if let Some(limit) = ask.limits.per_client {
+                let taken = route.clients.acquire(&ask.client, limit, ask.dry_run);
+                if !note(taken, Scope::Client) {
+                    return Admission::Refused(Scope::Client);
+                }
+                permit.client = Some(ask.client);
+            }
+        }
+
+        if let (Some(limit), Some(key)) = (ask.limits.per_key, ask.key) {
+            let taken = route.keys.acquire(key, limit, ask.dry_run);
+            if !note(taken, Scope::Key) {
+                return Admission::Refused(Scope::Key);
+            }
+            permit.key = Some(key.into());
+        }
+
+        let taken = route.acquire_total(ask.limits.total, ask.dry_run);
+        if !note(taken, Scope::Route) {
+            return Admission::Refused(Scope::Route);
+        }
+        permit.total = true;
+
+        Admission::Admitted {
+            permit,
+            would_refuse,
+        }
+    }
+}
+
+/// One admitted stream's slots. Dropping it gives every slot back, once.
+#[derive(Debug)]
+pub struct Permit {
+    route: Arc<RouteSlots>,
+    global: Option<(Arc<KeyedCounter<IpAddr>>, IpAddr)>,
+    client: Option<IpAddr>,
+    key: Option<Box<str>>,
+    total: bool,
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        // Widest first: the reverse of the order `admit` takes them in.
+        if self.total {
+            self.route.live.fetch_sub(1, Ordering::AcqRel);
+        }
+        if let Some(key) = &self.key {
+            self.route.keys.release(key.as_ref());
+        }
+        if let Some(client) = &self.client {
+            self.route.clients.release(client);
+        }
+        if let Some((counter, client)) = &self.global {
+            counter.release(client);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::Ipv4Addr;
+
+    fn ask(limits: RouteLimits, key: Option<&str>, client: u8) -> Ask<'_> {
+        Ask {
+            limits,
+            global_per_client: None,
+            key,
+            client: IpAddr::V4(Ipv4Addr::new(192, 0, 2, client)),
+            client_exempt: false,
+            dry_run: false,
+        }
+    }
+
+    fn admitted(a: Admission) -> Permit {
+        match a {
+            Admission::Admitted { permit, .. } => permit,
+            Admission::Refused(scope) => panic!("refused in {scope:?}"),
+        }
+    }
+
+    fn refused(a: Admission) -> Scope {
+        match a {
+            Admission::Admitted { .. } => panic!("admitted"),
+            Admission::Refused(scope) => scope,
+        }
+    }
+
+    #[test]
+    fn route_total_is_exact_and_released_on_drop() {
+        let table = AdmissionTable::new();
+        let route = table.route("r");
+        let limits = RouteLimits {
+            total: Some(2),
+            ..Default::default()
+        };
+        let a = admitted(table.admit(&route, &ask(limits, None, 1)));
+        let b = admitted(table.admit(&route, &ask(limits, None, 2)));
+        assert_eq!(refused(table.admit(&route, &ask(limits, None, 3))), Scope::Route);
+        assert_eq!(route.live(), 2);
+
+        drop(a);
+        assert_eq!(route.live(), 1);
+        let _c = admitted(table.admit(&route, &ask(limits, None, 3)));
+        drop(b);
+        assert_eq!(route.live(), 1);
+    }
+
+    #[test]
+    fn refusal_in_a_wide_scope_rolls_back_the_narrow_ones() {
+        let table = AdmissionTable::new();
+        let route = table.route("r");
+        let limits = RouteLimits {
+            total: Some(1),
+            per_key: Some(5),
+            per_client: Some(5),
+        };
+        let _held = admitted(table.admit(&route, &ask(limits, Some("a"), 1)));
+        assert_eq!(refused(table.admit(&route, &ask(limits, Some("b"), 2))), Scope::Route);
+
+        assert_eq!(route.keys().tracked(), 1, "key b was rolled back and forgotten");
+        assert_eq!(route.clients().tracked(), 1, "client 2 was rolled back");
+        assert_eq!(route.keys().get("b"), 0);
+    }
+
+    #[test]
+    fn keys_are_forgotten_at_zero() {
+        let table = AdmissionTable::new();
+        let route = table.route("r");
+        let limits = RouteLimits {
+            per_key: Some(1),
+            per_client: Some(3),
+            ..Default::default()
+        };
+        let a = admitted(table.admit(&route, &ask(limits, Some("room"), 1)));
+        assert_eq!(refused(table.admit(&route, &ask(limits, Some("room"), 1))), Scope::Key);
+        assert_eq!(route.keys().tracked(), 1);
+        drop(a);
+        assert_eq!(route.keys().tracked(), 0);
+        assert_eq!(route.clients().tracked(), 0);
+        assert_eq!(route.live(), 0);
+    }
+
+    #[test]
+    fn global_client_limit_spans_routes_and_exempt_clients_skip_it() {
+        let table = AdmissionTable::new();
+        let one = table.route("one");
+        let two = table.route("two");
+        let mut a = ask(RouteLimits::default(), None, 7);
+        a.global_per_client = Some(1);
+        let _p = admitted(table.admit(&one, &a));
+        assert_eq!(refused(table.admit(&two, &a)), Scope::GlobalClient);
+
+        a.client_exempt = true;
+        let _q = admitted(table.admit(&two, &a));
+        assert_eq!(table.global_clients().tracked(), 1);
+    }
+
+    #[test]
+    fn dry_run_admits_and_names_the_scope_it_would_refuse() {
+        let table = AdmissionTable::new();
+        let route = table.route("r");
+        let limits = RouteLimits {
+            total: Some(1),
+            ..Default::default()
+        };
+        let mut a = ask(limits, None, 1);
+        a.dry_run = true;
+        let first = table.admit(&route, &a);
+        assert!(matches!(first, Admission::Admitted { would_refuse: None, .. }));
+        let second = table.admit(&route, &a);
+        assert!(matches!(
+            second,
+            Admission::Admitted {
+                would_refuse: Some(Scope::Route),
+                ..
+            }
+        ));
+        assert_eq!(route.live(), 2);
+        drop((first, second));
+        assert_eq!(route.live(), 0);
+    }
+
+    #[test]
+    fn removed_routes_are_kept_while_streams_live() {
+        let table = AdmissionTable::new();
+        let route = table.route("old");
+        let permit = admitted(table.admit(&route, &ask(RouteLimits::default(), None, 1)));
+        drop(route);
+        table.retain_routes(&[]);
+        assert_eq!(table.routes().len(), 1);
+        drop(permit);
+        table.retain_routes(&[]);
+        assert!(table.routes().is_empty());
+    }
+
+    #[test]
+    fn concurrent_burst_admits_exactly_the_limit() {
+        let table = Arc::new(AdmissionTable::new());
+        let route = table.route("r");
+        let limits = RouteLimits {
+            total: Some(50),
+            per_key: Some(30),
+            per_client: Some(1000),
+        };
+        let held = Arc::new(Mutex::new(Vec::new()));
+        std::thread::scope(|s| {
+            for t in 0..8u8 {
+                let (table, route, held) = (table.clone(), route.clone(), held.clone());
+                s.spawn(move || {
+                    for i in 0..100u32 {
+                        let key = if i % 2 == 0 { "a" } else { "b" };
+                        if let Admission::Admitted { permit, .. } =
+                            table.admit(&route, &ask(limits, Some(key), t))
+                        {
+                            held.lock().unwrap().push(permit);
+                        }
+                    }
+                });
+            }
+        });
+        assert_eq!(held.lock().unwrap().len(), 50);
+        assert!(route.keys().get("a") <= 30 && route.keys().get("b") <= 30);
+        held.lock().unwrap().clear();
+        assert_eq!(route.live(), 0);
+        assert_eq!(route.keys().tracked(), 0);
+    }
+}

@@ -1,0 +1,839 @@
+//! The configuration: the YAML file format, its validation, and the runtime
+//! types the proxy reads.
+//!
+//! File structs mirror the YAML (`deny_unknown_fields`, so a typo is an error)
+//! and are converted into runtime types only after every check passed. Every
+//! problem is reported on one line: `file:line:column: field.path: what`.
+//! Type errors come from serde with their exact position and stop parsing;
+//! semantic checks run after it and all of their problems are reported at once.
+
+use crate::admission::RouteLimits;
+use crate::client::{ClientPolicy, ForwardHeader};
+use crate::route::{Matcher, PathMatch, Pattern, Router};
+use http::StatusCode;
+use ipnet::IpNet;
+use serde::{Deserialize, Deserializer};
+use std::collections::HashSet;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// One thing wrong with a config file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub file: String,
+    /// 1-based line and column, where they are known.
+    pub line: Option<usize>,
+    pub column: Option<usize>,
+    /// Dotted field path, e.g. `routes[1].limits.total`.
+    pub field: String,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file)?;
+        if let Some(line) = self.line {
+            write!(f, ":{line}")?;
+            if let Some(column) = self.column {
+                write!(f, ":{column}")?;
+            }
+        }
+        write!(f, ": {}: {}", self.field, self.message)
+    }
+}
+
+/// Why a config could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{file}: cannot read: {source}")]
+    Read {
+        file: String,
+        source: std::io::Error,
+    },
+    /// One or more problems, one per line when displayed.
+    #[error("{}", lines(.0))]
+    Invalid(Vec<Problem>),
+}
+
+fn lines(problems: &[Problem]) -> String {
+    let all: Vec<String> = problems.iter().map(Problem::to_string).collect();
+    all.join("\n")
+}
+
+impl ConfigError {
+    pub fn problems(&self) -> Vec<String> {
+        match self {
+            ConfigError::Read { .. } => vec![self.to_string()],
+            ConfigError::Invalid(p) => p.iter().map(Problem::to_string).collect(),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Value types shared by the file format.
+
+/// Deserializes a string through `parse`. The error is raised inside the
+/// visitor, so serde_yaml reports the scalar's own line, column and path.
+fn from_text<'de, D, T>(d: D, expecting: &'static str, parse: fn(&str) -> Result<T, String>) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+{
+    struct V<T> {
+        expecting: &'static str,
+        parse: fn(&str) -> Result<T, String>,
+    }
+    impl<T> serde::de::Visitor<'_> for V<T> {
+        type Value = T;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str(self.expecting)
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<T, E> {
+            (self.parse)(v).map_err(E::custom)
+        }
+    }
+    d.deserialize_str(V { expecting, parse })
+}
+
+/// A duration written as `"30s"`, `"5m"`, `"250ms"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dur(pub Duration);
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        from_text(d, "a duration such as \"30s\"", |s| {
+            humantime::parse_duration(s.trim())
+                .map(Dur)
+                .map_err(|e| format!("invalid duration `{s}`: {e} (write e.g. \"30s\")"))
+        })
+    }
+}
+
+/// A timeout that may be switched off with `off`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Timeout(pub Option<Duration>);
+
+impl<'de> Deserialize<'de> for Timeout {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        from_text(d, "a duration such as \"30s\", or `off`", |s| {
+            if s.trim() == "off" {
+                return Ok(Timeout(None));
+            }
+            match humantime::parse_duration(s.trim()) {
+                Ok(d) if d.is_zero() => Ok(Timeout(None)),
+                Ok(d) => Ok(Timeout(Some(d))),
+                Err(e) => Err(format!("invalid duration `{s}`: {e} (write e.g. \"30s\", or `off`)")),
+            }
+        })
+    }
+}
+
+/// A network in CIDR notation; a bare address is a single-host network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr(pub IpNet);
+
+impl<'de> Deserialize<'de> for Cidr {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        from_text(d, "a CIDR such as 10.0.0.0/8", |s| {
+            let t = s.trim();
+            if let Ok(net) = t.parse::<IpNet>() {
+                return Ok(Cidr(net.trunc()));
+            }
+            t.parse::<IpAddr>()
+                .map(|ip| Cidr(IpNet::from(ip)))
+                .map_err(|_| format!("invalid CIDR `{s}` (write e.g. 10.0.0.0/8)"))
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The file format.
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    listen: Vec<ListenFile>,
+    #[serde(default)]
+    admin: AdminFile,
+    #[serde(default)]
+    server: ServerFile,
+    #[serde(default)]
+    client_ip: ClientIpFile,
+    #[serde(default)]
+    limits: GlobalLimitsFile,
+    #[serde(default)]
+    log: LogFile,
+    routes: Vec<RouteFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListenFile {
+    address: String,
+    tls: Option<TlsFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TlsFile {
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AdminFile {
+    #[serde(default = "default_admin")]
+    address: String,
+}
+
+impl Default for AdminFile {
+    fn default() -> Self {
+        Self {
+            address: default_admin(),
+        }
+    }
+}
+
+fn default_admin() -> String {
+    "127.0.0.1:9090".into()
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ServerFile {
+    threads: Option<usize>,
+    pid_file: Option<PathBuf>,
+    upgrade_sock: Option<PathBuf>,
+    grace_period: Option<Dur>,
+    tcp_keepalive: Option<KeepaliveFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum KeepaliveFile {
+    Switch(bool),
+    Settings(KeepaliveSettingsFile),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KeepaliveSettingsFile {
+    idle: Option<Dur>,
+    interval: Option<Dur>,
+    count: Option<usize>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ClientIpFile {
+    header: Option<String>,
+    #[serde(default)]
+    trusted_proxies: Vec<Cidr>,
+    ipv6_prefix: Option<u8>,
+    #[serde(default)]
+    exempt: Vec<Cidr>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct GlobalLimitsFile {
+    per_client: Option<u32>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct LogFile {
+    rejections_per_second: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RouteFile {
+    name: String,
+    host: Option<String>,
+    path: Option<String>,
+    prefix: Option<String>,
+    key: Option<String>,
+    upstream: UpstreamFile,
+    #[serde(default)]
+    limits: LimitsFile,
+    #[serde(default)]
+    reject: RejectFile,
+    #[serde(default)]
+    idle_timeout: Timeout,
+    #[serde(default)]
+    max_lifetime: Timeout,
+    #[serde(default)]
+    dry_run: bool,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct LimitsFile {
+    total: Option<u32>,
+    per_key: Option<u32>,
+    per_client: Option<u32>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RejectFile {
+    status: Option<u16>,
+    retry_after: Option<Dur>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UpstreamFile {
+    url: String,
+    sni: Option<String>,
+    #[serde(default = "yes")]
+    verify_cert: bool,
+    ca_file: Option<PathBuf>,
+    host_header: Option<String>,
+    connect_timeout: Option<Dur>,
+    handshake_timeout: Option<Dur>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+// ---------------------------------------------------------------------------
+// The runtime types.
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub file: PathBuf,
+    pub listeners: Vec<Listener>,
+    pub admin: SocketAddr,
+    pub server: ServerSettings,
+    pub client: ClientPolicy,
+    /// Limit per client across all routes.
+    pub global_per_client: Option<u32>,
+    pub rejections_per_second: u32,
+    pub routes: Vec<Arc<Route>>,
+    pub router: Router,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listener {
+    pub address: String,
+    pub tls: Option<(PathBuf, PathBuf)>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServerSettings {
+    pub threads: usize,
+    pub pid_file: PathBuf,
+    pub upgrade_sock: PathBuf,
+    /// How long live streams may run on after SIGTERM.
+    pub grace_period: Duration,
+    pub tcp_keepalive: Option<Keepalive>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Keepalive {
+    pub idle: Duration,
+    pub interval: Duration,
+    pub count: usize,
+}
+
+/// One route, as the proxy uses it.
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub name: Arc<str>,
+    pub limits: RouteLimits,
+    pub upstream: Upstream,
+    pub reject_status: StatusCode,
+    pub retry_after: Duration,
+    pub idle_timeout: Option<Duration>,
+    pub max_lifetime: Option<Duration>,
+    pub dry_run: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upstream {
+    pub host: String,
+    pub port: u16,
+    pub tls: bool,
+    pub sni: String,
+    pub verify_cert: bool,
+    pub ca_file: Option<PathBuf>,
+    /// Replaces the client's Host header when set.
+    pub host_header: Option<String>,
+    pub connect_timeout: Duration,
+    pub handshake_timeout: Duration,
+}
+
+pub const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(5);
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_GRACE_PERIOD: Duration = Duration::from_secs(30);
+pub const DEFAULT_KEEPALIVE: Keepalive = Keepalive {
+    idle: Duration::from_secs(60),
+    interval: Duration::from_secs(10),
+    count: 6,
+};
+
+// ---------------------------------------------------------------------------
+// Loading.
+
+/// Reads and validates a config file.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let src = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        file: path.display().to_string(),
+        source,
+    })?;
+    parse(path, &src)
+}
+
+/// Validates config text; `path` names it in errors and resolves nothing.
+pub fn parse(path: &Path, src: &str) -> Result<Config, ConfigError> {
+    let file = path.display().to_string();
+    let raw: FileConfig = serde_yaml::from_str(src).map_err(|e| {
+        let (field, message) = split_serde_message(&e);
+        let location = e.location();
+        ConfigError::Invalid(vec![Problem {
+            file: file.clone(),
+            line: location.as_ref().map(|l| l.line()),
+            column: location.as_ref().map(|l| l.column()),
+            field,
+            message,
+        }])
+    })?;
+
+    let mut check = Checker {
+        file,
+        src,
+        problems: Vec::new(),
+    };
+    let config = check.convert(path, raw);
+    match config {
+        Some(config) if check.problems.is_empty() => Ok(config),
+        _ => Err(ConfigError::Invalid(check.problems)),
+    }
+}
+
+/// serde_yaml renders `path: message at line L column C`; the location is
+/// reported separately, so split the rest into field path and message.
+fn split_serde_message(e: &serde_yaml::Error) -> (String, String) {
+    let text = e.to_string();
+    let text = match text.rfind(" at line ") {
+        Some(i) => &text[..i],
+        None => &text,
+    };
+    match text.split_once(": ") {
+        Some((path, msg)) if !path.contains(' ') => (path.to_string(), msg.to_string()),
+        _ => ("(file)".to_string(), text.to_string()),
+    }
+}
+
+struct Checker<'a> {
+    file: String,
+    src: &'a str,
+    problems: Vec<Problem>,
+}
+
+impl Checker<'_> {
+    fn problem(&mut self, line: Option<usize>, field: impl Into<String>, message: impl Into<String>) {
+        self.problems.push(Problem {
+            file: self.file.clone(),
+            line,
+            column: None,
+            field: field.into(),
+            message: message.into(),
+        });
+    }
+
+    /// The line of the `nth` occurrence of `key: value` (serde gives no
+    /// positions after parsing, so semantic errors find theirs in the text).
+    fn line_of(&self, key: &str, value: &str, nth: usize) -> Option<usize> {
+        self.src
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| {
+                let l = l.trim_start().trim_start_matches("- ");
+                l.strip_prefix(key)
+                    .and_then(|r| r.trim_start().strip_prefix(':'))
+                    .is_some_and(|v| v.trim().trim_matches(['"', '\'']) == value)
+            })
+            .nth(nth)
+            .map(|(i, _)| i + 1)
+    }
+
+    fn convert(&mut self, path: &Path, raw: FileConfig) -> Option<Config> {
+        let listeners = self.listeners(&raw.listen);
+        let admin = match raw.admin.address.parse::<SocketAddr>() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                let line = self.line_of("address", &raw.admin.address, 0);
+                self.problem(line, "admin.address", format!("`{}` is not an address:port", raw.admin.address));
+                None
+            }
+        };
+        let server = self.server(raw.server);
+        let client = self.client_ip(raw.client_ip);
+        let (routes, router) = self.routes(raw.routes);
+
+        if raw.limits.per_client == Some(0) || raw.log.rejections_per_second == Some(0) {
+            let field = if raw.limits.per_client == Some(0) {
+                "limits.per_client"
+            } else {
+                "log.rejections_per_second"
+            };
+            self.problem(None, field, "must be at least 1 (leave it out for no limit)");
+        }
+
+        Some(Config {
+            file: path.to_path_buf(),
+            listeners,
+            admin: admin?,
+            server,
+            client: client?,
+            global_per_client: raw.limits.per_client,
+            rejections_per_second: raw.log.rejections_per_second.unwrap_or(20),
+            routes,
+            router,
+        })
+    }
+
+    fn listeners(&mut self, raw: &[ListenFile]) -> Vec<Listener> {
+        if raw.is_empty() {
+            self.problem(self.line_of("listen", "", 0), "listen", "at least one listener is needed");
+        }
+        let mut seen = HashSet::new();
+        let mut out = Vec::new();
+        for (i, l) in raw.iter().enumerate() {
+            let field = format!("listen[{i}].address");
+            let line = self.line_of("address", &l.address, 0);
+            if l.address.parse::<SocketAddr>().is_err() {
+                self.problem(line, field, format!("`{}` is not an address:port", l.address));
+                continue;
+            }
+            if !seen.insert(l.address.clone()) {
+                self.problem(line, field, format!("`{}` is listed twice", l.address));
+            }
+            if let Some(tls) = &l.tls {
+                for (name, p) in [("cert", &tls.cert), ("key", &tls.key)] {
+                    if !p.is_file() {
+                        let line = self.line_of(name, &p.display().to_string(), 0);
+                        self.problem(line, format!("listen[{i}].tls.{name}"), format!("no file at `{}`", p.display()));
+                    }
+                }
+            }
+            out.push(Listener {
+                address: l.address.clone(),
+                tls: l.tls.as_ref().map(|t| (t.cert.clone(), t.key.clone())),
+            });
+        }
+        out
+    }
+
+    fn server(&mut self, raw: ServerFile) -> ServerSettings {
+        if raw.threads == Some(0) {
+            self.problem(None, "server.threads", "must be at least 1");
+        }
+        let tcp_keepalive = match raw.tcp_keepalive {
+            None | Some(KeepaliveFile::Switch(true)) => Some(DEFAULT_KEEPALIVE),
+            Some(KeepaliveFile::Switch(false)) => None,
+            Some(KeepaliveFile::Settings(s)) => Some(Keepalive {
+                idle: s.idle.map_or(DEFAULT_KEEPALIVE.idle, |d| d.0),
+                interval: s.interval.map_or(DEFAULT_KEEPALIVE.interval, |d| d.0),
+                count: s.count.unwrap_or(DEFAULT_KEEPALIVE.count),
+            }),
+        };
+        ServerSettings {
+            threads: raw.threads.unwrap_or(2).max(1),
+            pid_file: raw.pid_file.unwrap_or_else(|| PathBuf::from("/tmp/wsgate/wsgate.pid")),
+            upgrade_sock: raw
+                .upgrade_sock
+                .unwrap_or_else(|| PathBuf::from("/tmp/wsgate/upgrade.sock")),
+            grace_period: raw.grace_period.map_or(DEFAULT_GRACE_PERIOD, |d| d.0),
+            tcp_keepalive,
+        }
+    }
+
+    fn client_ip(&mut self, raw: ClientIpFile) -> Option<ClientPolicy> {
+        let header = match raw.header.as_deref().map(str::to_ascii_lowercase).as_deref() {
+            None => None,
+            Some("cf-connecting-ip") => Some(ForwardHeader::CfConnectingIp),
+            Some("x-real-ip") => Some(ForwardHeader::XRealIp),
+            Some("x-forwarded-for") => Some(ForwardHeader::XForwardedFor),
+            Some(other) => {
+                let line = self.line_of("header", raw.header.as_deref().unwrap_or(""), 0);
+                self.problem(
+                    line,
+                    "client_ip.header",
+                    format!("`{other}` is not one of CF-Connecting-IP, X-Forwarded-For, X-Real-IP"),
+                );
+                return None;
+            }
+        };
+        if header.is_some() && raw.trusted_proxies.is_empty() {
+            self.problem(
+                self.line_of("header", raw.header.as_deref().unwrap_or(""), 0),
+                "client_ip.trusted_proxies",
+                "a forwarding header needs the proxies it is trusted from",
+            );
+        }
+        let ipv6_prefix = raw.ipv6_prefix.unwrap_or(64);
+        if ipv6_prefix > 128 {
+            self.problem(None, "client_ip.ipv6_prefix", format!("{ipv6_prefix} is not a prefix length (0 to 128)"));
+        }
+        Some(ClientPolicy {
+            header,
+            trusted: raw.trusted_proxies.into_iter().map(|c| c.0).collect(),
+            ipv6_prefix,
+            exempt: raw.exempt.into_iter().map(|c| c.0).collect(),
+        })
+    }
+
+    fn routes(&mut self, raw: Vec<RouteFile>) -> (Vec<Arc<Route>>, Router) {
+        if raw.is_empty() {
+            self.problem(self.line_of("routes", "", 0), "routes", "at least one route is needed");
+        }
+        let mut names: Vec<String> = Vec::new();
+        let mut routes = Vec::new();
+        let mut matchers = Vec::new();
+        for (i, r) in raw.into_iter().enumerate() {
+            let nth = names.iter().filter(|n| **n == r.name).count();
+            let line = self.line_of("name", &r.name, nth);
+            if nth > 0 {
+                self.problem(line, format!("routes[{i}].name"), format!("route name `{}` is used twice", r.name));
+            }
+            names.push(r.name.clone());
+            if let Some((route, matcher)) = self.route(i, line, r) {
+                routes.push(Arc::new(route));
+                matchers.push(matcher);
+            }
+        }
+        (routes, Router::new(matchers))
+    }
+
+    fn route(&mut self, i: usize, line: Option<usize>, r: RouteFile) -> Option<(Route, Matcher)> {
+        let at = |f: &str| format!("routes[{i}].{f}");
+        let valid_name = !r.name.is_empty()
+            && r.name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+        if !valid_name {
+            self.problem(line, at("name"), "use letters, digits, `-`, `_` or `.`");
+        }
+
+        let path = match (&r.path, &r.prefix) {
+            (Some(p), None) => match Pattern::parse(p) {
+                Ok(pattern) => Some(PathMatch::Pattern(pattern)),
+                Err(e) => {
+                    self.problem(self.line_of("path", p, 0), at("path"), format!("`{p}`: {e}"));
+                    None
+                }
+            },
+            (None, Some(p)) if p.starts_with('/') => Some(PathMatch::Prefix(crate::route::normalize_path(p).into_owned())),
+            (None, Some(p)) => {
+                self.problem(self.line_of("prefix", p, 0), at("prefix"), format!("`{p}` must start with `/`"));
+                None
+            }
+            _ => {
+                self.problem(line, at("path"), "give exactly one of `path` (a pattern) or `prefix`");
+                None
+            }
+        };
+
+        let key = match (&r.key, &path) {
+            (None, _) => None,
+            (Some(k), Some(PathMatch::Pattern(p))) => match p.param_index(k) {
+                Some(idx) => Some(idx),
+                None => {
+                    let line = self.line_of("key", k, 0);
+                    self.problem(line, at("key"), format!("`{k}` is not a `{{segment}}` of the route's path"));
+                    None
+                }
+            },
+            // A broken `path` was reported already; the key is not its fault.
+            (Some(_), None) => None,
+            (Some(k), Some(PathMatch::Prefix(_))) => {
+                let line = self.line_of("key", k, 0);
+                self.problem(line, at("key"), format!("`{k}` needs a `path` pattern with a `{{{k}}}` segment"));
+                None
+            }
+        };
+        if r.limits.per_key.is_some() && r.key.is_none() {
+            self.problem(line, at("limits.per_key"), "a per-key limit needs the route's `key`");
+        }
+        for (f, v) in [("total", r.limits.total), ("per_key", r.limits.per_key), ("per_client", r.limits.per_client)] {
+            if v == Some(0) {
+                self.problem(line, at(&format!("limits.{f}")), "must be at least 1 (leave it out for no limit)");
+            }
+        }
+
+        let status = r.reject.status.unwrap_or(503);
+        let reject_status = match StatusCode::from_u16(status) {
+            Ok(s) if (400..=599).contains(&status) => Some(s),
+            _ => {
+                self.problem(line, at("reject.status"), format!("{status} is not a 4xx or 5xx status"));
+                None
+            }
+        };
+
+        let upstream = self.upstream(&at("upstream"), r.upstream);
+        let host = r.host.map(|h| h.trim_end_matches('.').to_ascii_lowercase());
+
+        let route = Route {
+            name: Arc::from(r.name.as_str()),
+            limits: RouteLimits {
+                total: r.limits.total,
+                per_key: r.limits.per_key,
+                per_client: r.limits.per_client,
+            },
+            upstream: upstream?,
+            reject_status: reject_status?,
+            retry_after: r.reject.retry_after.map_or(DEFAULT_RETRY_AFTER, |d| d.0),
+            idle_timeout: r.idle_timeout.0,
+            max_lifetime: r.max_lifetime.0,
+            dry_run: r.dry_run,
+        };
+        let matcher = Matcher { host, path: path?, key };
+        Some((route, matcher))
+    }
+
+    fn upstream(&mut self, at: &str, u: UpstreamFile) -> Option<Upstream> {
+        let line = self.line_of("url", &u.url, 0);
+        let uri = match u.url.parse::<http::Uri>() {
+            Ok(uri) => uri,
+            Err(e) => {
+                self.problem(line, format!("{at}.url"), format!("`{}`: {e}", u.url));
+                return None;
+            }
+        };
+        let tls = match uri.scheme_str() {
+            Some("http") | Some("ws") => false,
+            Some("https") | Some("wss") => true,
+            _ => {
+                self.problem(line, format!("{at}.url"), format!("`{}` needs a scheme: http:// or https://", u.url));
+                return None;
+            }
+        };
+        let Some(host) = uri.host().map(|h| h.trim_start_matches('[').trim_end_matches(']').to_string()) else {
+            self.problem(line, format!("{at}.url"), format!("`{}` has no host", u.url));
+            return None;
+        };
+        if uri.path() != "/" && !uri.path().is_empty() {
+            self.problem(line, format!("{at}.url"), "paths are not rewritten: give scheme, host and port only");
+        }
+        if let Some(ca) = &u.ca_file {
+            if !ca.is_file() {
+                let line = self.line_of("ca_file", &ca.display().to_string(), 0);
+                self.problem(line, format!("{at}.ca_file"), format!("no file at `{}`", ca.display()));
+            }
+        }
+        Some(Upstream {
+            port: uri.port_u16().unwrap_or(if tls { 443 } else { 80 }),
+            tls,
+            sni: u.sni.unwrap_or_else(|| host.clone()),
+            host,
+            verify_cert: u.verify_cert,
+            ca_file: u.ca_file,
+            host_header: u.host_header,
+            connect_timeout: u.connect_timeout.map_or(DEFAULT_CONNECT_TIMEOUT, |d| d.0),
+            handshake_timeout: u.handshake_timeout.map_or(DEFAULT_HANDSHAKE_TIMEOUT, |d| d.0),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+listen:
+  - address: 127.0.0.1:8080
+routes:
+  - name: rooms
+    path: /room/{room}/ws
+    key: room
+    upstream:
+      url: http://127.0.0.1:8787
+    limits:
+      total: 500
+      per_key: 100
+      per_client: 10
+    idle_timeout: 5m
+"#;
+
+    fn errors(src: &str) -> Vec<String> {
+        match parse(Path::new("t.yaml"), src) {
+            Ok(_) => panic!("accepted:\n{src}"),
+            Err(e) => e.problems(),
+        }
+    }
+
+    #[test]
+    fn a_good_file_loads_with_defaults() {
+        let c = parse(Path::new("t.yaml"), GOOD).unwrap();
+        assert_eq!(c.admin, "127.0.0.1:9090".parse().unwrap());
+        let r = &c.routes[0];
+        assert_eq!(r.limits.per_key, Some(100));
+        assert_eq!(r.reject_status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(r.idle_timeout, Some(Duration::from_secs(300)));
+        assert_eq!(r.max_lifetime, None);
+        assert_eq!(r.upstream.port, 8787);
+        assert!(!r.upstream.tls);
+        assert_eq!(c.server.tcp_keepalive, Some(DEFAULT_KEEPALIVE));
+        assert_eq!(c.client.ipv6_prefix, 64);
+        let m = c.router.find(None, "/room/a/ws").unwrap();
+        assert_eq!(m.key, Some("a"));
+    }
+
+    #[test]
+    fn bad_files_each_give_one_line_naming_file_line_and_field() {
+        let cases: &[(&str, &str, &str)] = &[
+            ("    limits:\n", "    limits:\n      totl: 5\n", "t.yaml:11:7: routes[0].limits: unknown field `totl`"),
+            ("      total: 500", "      total: lots", "t.yaml:11:14: routes[0].limits.total: invalid type"),
+            ("    idle_timeout: 5m", "    idle_timeout: 5 parsecs", "t.yaml:14:19: routes[0].idle_timeout: invalid duration"),
+            ("    key: room", "    key: roomz", "t.yaml:7: routes[0].key: `roomz` is not a `{segment}`"),
+            ("/room/{room}/ws", "/room/{ro om}/ws", "t.yaml:6: routes[0].path: `/room/{ro om}/ws`: segment"),
+            ("      per_client: 10", "      per_client: -1", "t.yaml:13:19: routes[0].limits.per_client: invalid type: integer `-1`"),
+            ("    upstream:", "    upstream:\n      verify: false", "t.yaml:9:7: routes[0].upstream: unknown field `verify`"),
+        ];
+        for (from, to, want) in cases {
+            let src = GOOD.replacen(from, to, 1);
+            let got = errors(&src);
+            assert_eq!(got.len(), 1, "{got:?}");
+            assert!(got[0].starts_with(want), "got {:?}, want prefix {want:?}", got[0]);
+        }
+    }
+
+    #[test]
+    fn bad_cidr_and_duplicate_route_name() {
+        let src = format!("{GOOD}client_ip:\n  trusted_proxies: [10.0.0.0/33]\n");
+        let got = errors(&src);
+        assert_eq!(
+            got,
+            vec!["t.yaml:16:21: client_ip.trusted_proxies[0]: invalid CIDR `10.0.0.0/33` (write e.g. 10.0.0.0/8)"]
+        );
+
+        let dup = format!("{GOOD}{}", GOOD.split("routes:\n").nth(1).unwrap());
+        let got = errors(&dup);
+        assert_eq!(got, vec!["t.yaml:15: routes[1].name: route name `rooms` is used twice"]);
+    }
+
+    #[test]
+    fn every_semantic_problem_is_reported_at_once() {
+        let src = GOOD
+            .replace("key: room", "key: nope")
+            .replace("http://127.0.0.1:8787", "ftp://x")
+            .replace("total: 500", "total: 0");
+        let got = errors(&src);
+        assert_eq!(got.len(), 3, "{got:?}");
+    }
+
+    #[test]
+    fn forwarding_header_requires_trusted_proxies() {
+        let src = format!("{GOOD}client_ip:\n  header: X-Forwarded-For\n");
+        let got = errors(&src);
+        assert!(got[0].contains("client_ip.trusted_proxies"), "{got:?}");
+    }
+}

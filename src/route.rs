@@ -1,0 +1,366 @@
+//! Routing: which configured route a request belongs to, and the route key
+//! (a named path segment such as the room) it is counted under.
+//!
+//! Matching runs on the normalised path, so `/room/a/ws`, `//room/./a/ws` and
+//! `/room/%61/ws` are one path and one room: no spelling slips past a limit.
+//! The query string never takes part.
+
+use std::borrow::Cow;
+
+/// A parsed path pattern: `/room/{room}/ws`, optionally ending in `/*`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pattern {
+    segments: Vec<Segment>,
+    /// A trailing `*` matches any remaining segments, including none.
+    rest: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Segment {
+    Literal(String),
+    Param(String),
+}
+
+/// Why a pattern was refused; the config loader adds file and field.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PatternError {
+    #[error("must start with `/`")]
+    NoLeadingSlash,
+    #[error("segment `{0}` is not a literal, `{{name}}` or a final `*`")]
+    BadSegment(String),
+    #[error("segment name `{0}` appears twice")]
+    DuplicateParam(String),
+}
+
+impl Pattern {
+    pub fn parse(src: &str) -> Result<Self, PatternError> {
+        let body = src.strip_prefix('/').ok_or(PatternError::NoLeadingSlash)?;
+        let mut segments = Vec::new();
+        let mut rest = false;
+        let parts: Vec<&str> = if body.is_empty() {
+            Vec::new()
+        } else {
+            body.split('/').collect()
+        };
+
+        for (i, part) in parts.iter().enumerate() {
+            let last = i + 1 == parts.len();
+            if *part == "*" && last {
+                rest = true;
+            } else if let Some(name) = part.strip_prefix('{').and_then(|p| p.strip_suffix('}')) {
+                let valid = !name.is_empty()
+                    && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+                if !valid {
+                    return Err(PatternError::BadSegment(part.to_string()));
+                }
+                if segments.contains(&Segment::Param(name.to_string())) {
+                    return Err(PatternError::DuplicateParam(name.to_string()));
+                }
+                segments.push(Segment::Param(name.to_string()));
+            } else if part.is_empty() || part.contains(['{', '}', '*']) {
+                return Err(PatternError::BadSegment(part.to_string()));
+            } else {
+                segments.push(Segment::Literal(normalize_path(&format!("/{part}"))[1..].into()));
+            }
+        }
+        Ok(Self { segments, rest })
+    }
+
+    /// The position among the pattern's parameters of the one called `name`.
+    pub fn param_index(&self, name: &str) -> Option<usize> {
+        self.params().position(|p| p == name)
+    }
+
+    fn params(&self) -> impl Iterator<Item = &str> {
+        self.segments.iter().filter_map(|s| match s {
+            Segment::Param(p) => Some(p.as_str()),
+            Segment::Literal(_) => None,
+        })
+    }
+
+    /// Matches a normalised path; on success returns the value of parameter
+    /// `want` (if any). Parameters never match an empty segment.
+    pub fn matches<'p>(&self, path: &'p str, want: Option<usize>) -> Option<Option<&'p str>> {
+        let body = path.strip_prefix('/')?;
+        let mut parts = body.split('/').filter(|s| !s.is_empty());
+        let mut param = 0;
+        let mut key = None;
+
+        for segment in &self.segments {
+            let part = parts.next()?;
+            match segment {
+                Segment::Literal(lit) if lit == part => {}
+                Segment::Literal(_) => return None,
+                Segment::Param(_) => {
+                    if want == Some(param) {
+                        key = Some(part);
+                    }
+                    param += 1;
+                }
+            }
+        }
+
+        if !self.rest && parts.next().is_some() {
+            return None;
+        }
+        Some(key)
+    }
+}
+
+/// How a route matches paths.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PathMatch {
+    /// `/relay` matches `/relay` and everything below `/relay/`, not `/relayed`.
+    Prefix(String),
+    Pattern(Pattern),
+}
+
+impl PathMatch {
+    fn matches<'p>(&self, path: &'p str, key: Option<usize>) -> Option<Option<&'p str>> {
+        match self {
+            PathMatch::Prefix(prefix) => {
+                let prefix = prefix.trim_end_matches('/');
+                let tail = path.strip_prefix(prefix)?;
+                (tail.is_empty() || tail.starts_with('/')).then_some(None)
+            }
+            PathMatch::Pattern(p) => p.matches(path, key),
+        }
+    }
+}
+
+/// One route's matching rule.
+#[derive(Debug, Clone)]
+pub struct Matcher {
+    /// Lowercase host without port; `*.example.com` matches any subdomain.
+    pub host: Option<String>,
+    pub path: PathMatch,
+    /// Index of the pattern parameter that keys the per-key limit.
+    pub key: Option<usize>,
+}
+
+/// The routes in config order; the first that matches wins.
+#[derive(Debug, Clone, Default)]
+pub struct Router {
+    matchers: Vec<Matcher>,
+}
+
+/// A request's route and, when the route has one, its key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Matched<'p> {
+    pub route: usize,
+    pub key: Option<&'p str>,
+}
+
+impl Router {
+    pub fn new(matchers: Vec<Matcher>) -> Self {
+        Self { matchers }
+    }
+
+    /// Finds the route for `host` (from the Host header or URI authority, port
+    /// allowed) and an already normalised `path`.
+    pub fn find<'p>(&self, host: Option<&str>, path: &'p str) -> Option<Matched<'p>> {
+        let host = host.map(strip_port);
+        self.matchers.iter().enumerate().find_map(|(i, m)| {
+            if let Some(want) = &m.host {
+                if !host.is_some_and(|h| host_matches(want, h)) {
+                    return None;
+                }
+            }
+            let key = m.path.matches(path, m.key)?;
+            Some(Matched { route: i, key })
+        })
+    }
+}
+
+fn strip_port(host: &str) -> &str {
+    if let Some(v6) = host.strip_prefix('[') {
+        return v6.split(']').next().unwrap_or(v6);
+    }
+    match host.rsplit_once(':') {
+        Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => host,
+    }
+}
+
+fn host_matches(want: &str, host: &str) -> bool {
+    let host = host.trim_end_matches('.');
+    match want.strip_prefix("*.") {
+        Some(suffix) => {
+            host.len() > suffix.len() + 1
+                && host[host.len() - suffix.len()..].eq_ignore_ascii_case(suffix)
+                && host.as_bytes()[host.len() - suffix.len() - 1] == b'.'
+        }
+        None => host.eq_ignore_ascii_case(want),
+    }
+}
+
+/// Normalises a request path (no query string) so every spelling of a path
+/// compares equal:
+/// - percent-encoded unreserved characters are decoded, other escapes are
+///   kept with uppercase hex (`%2f` stays an escape, never a separator);
+/// - empty segments (`//`) are dropped, `.` and `..` resolved; `..` never
+///   climbs above the root.
+///
+/// Borrows when the path is already normal, the common case.
+pub fn normalize_path(path: &str) -> Cow<'_, str> {
+    if is_normal(path) {
+        return Cow::Borrowed(path);
+    }
+
+    let decoded = decode_unreserved(path);
+    let mut out: Vec<&str> = Vec::new();
+    for seg in decoded.split('/') {
+        match seg {
+            "" | "." => {}
+            ".." => {
+                out.pop();
+            }
+            s => out.push(s),
+        }
+    }
+
+    let trailing = decoded.ends_with('/') || decoded.ends_with("/.") || decoded.ends_with("/..");
+    let mut normal = String::with_capacity(decoded.len() + 1);
+    for seg in &out {
+        normal.push('/');
+        normal.push_str(seg);
+    }
+    if normal.is_empty() || (trailing && !out.is_empty()) {
+        normal.push('/');
+    }
+    Cow::Owned(normal)
+}
+
+fn is_normal(path: &str) -> bool {
+    path.starts_with('/')
+        && !path.contains('%')
+        && !path.contains("//")
+        && !path.split('/').any(|s| s == "." || s == "..")
+}
+
+fn decode_unreserved(path: &str) -> String {
+    let bytes = path.as_bytes();
+    let mut out = String::with_capacity(path.len() + 1);
+    if !path.starts_with('/') {
+        out.push('/');
+    }
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            let hex = |b: u8| (b as char).to_digit(16);
+            if let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                let c = (h * 16 + l) as u8;
+                if c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_' | b'~') {
+                    out.push(c as char);
+                } else {
+                    out.push('%');
+                    out.push(bytes[i + 1].to_ascii_uppercase() as char);
+                    out.push(bytes[i + 2].to_ascii_uppercase() as char);
+                }
+                i += 3;
+                continue;
+            }
+        }
+        // Copy one whole UTF-8 character.
+        let ch = path[i..].chars().next().unwrap_or('\u{fffd}');
+        out.push(ch);
+        i += ch.len_utf8().max(1);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normalisation_resolves_every_spelling() {
+        let cases = [
+            ("/room/a/ws", "/room/a/ws"),
+            ("//room//a/ws", "/room/a/ws"),
+            ("/room/./a/ws", "/room/a/ws"),
+            ("/x/../room/a/ws", "/room/a/ws"),
+            ("/../../room/a/ws", "/room/a/ws"),
+            ("/room/%61/ws", "/room/a/ws"),
+            ("/%72oom/a/%77s", "/room/a/ws"),
+            ("/room/%2e%2E/ws", "/ws"),
+            ("/room/a%2fb/ws", "/room/a%2Fb/ws"),
+            ("/room/a%2Fb/ws", "/room/a%2Fb/ws"),
+            ("/a/", "/a/"),
+            ("/a/.", "/a/"),
+            ("", "/"),
+            ("/", "/"),
+            ("/..", "/"),
+            ("/%", "/%"),
+            ("/%zz", "/%zz"),
+            ("/caf\u{e9}/%41", "/caf\u{e9}/A"),
+        ];
+        for (input, want) in cases {
+            assert_eq!(normalize_path(input), want, "input {input:?}");
+        }
+    }
+
+    #[test]
+    fn normal_paths_are_borrowed() {
+        assert!(matches!(normalize_path("/room/a/ws"), Cow::Borrowed(_)));
+    }
+
+    fn router() -> Router {
+        let rooms = Pattern::parse("/room/{room}/ws").unwrap();
+        let key = rooms.param_index("room");
+        Router::new(vec![
+            Matcher {
+                host: Some("relay.example.com".into()),
+                path: PathMatch::Prefix("/registry".into()),
+                key: None,
+            },
+            Matcher {
+                host: None,
+                path: PathMatch::Pattern(rooms),
+                key,
+            },
+            Matcher {
+                host: Some("*.example.com".into()),
+                path: PathMatch::Prefix("/".into()),
+                key: None,
+            },
+        ])
+    }
+
+    #[test]
+    fn routes_match_on_host_and_path_and_extract_the_key() {
+        let r = router();
+        let m = |h, p| r.find(h, p);
+        assert_eq!(m(Some("relay.example.com"), "/registry").unwrap().route, 0);
+        assert_eq!(m(Some("RELAY.example.com:443"), "/registry/ws").unwrap().route, 0);
+        assert_eq!(m(Some("other.example.com"), "/registry").unwrap().route, 2);
+        assert_eq!(m(Some("example.com"), "/registryx"), None);
+        assert_eq!(m(None, "/registry"), None);
+
+        let room = m(None, "/room/lobby/ws").unwrap();
+        assert_eq!((room.route, room.key), (1, Some("lobby")));
+        assert_eq!(m(None, "/room/lobby/ws/extra"), None);
+        assert_eq!(m(None, "/room/ws"), None);
+    }
+
+    #[test]
+    fn pattern_rest_and_errors() {
+        let p = Pattern::parse("/api/{v}/*").unwrap();
+        assert_eq!(p.matches("/api/1", p.param_index("v")), Some(Some("1")));
+        assert_eq!(p.matches("/api/1/a/b", p.param_index("v")), Some(Some("1")));
+        assert_eq!(Pattern::parse("room"), Err(PatternError::NoLeadingSlash));
+        assert!(matches!(Pattern::parse("/a/{}/b"), Err(PatternError::BadSegment(_))));
+        assert!(matches!(Pattern::parse("/a/*/b"), Err(PatternError::BadSegment(_))));
+        assert!(matches!(Pattern::parse("/{a}/{a}"), Err(PatternError::DuplicateParam(_))));
+    }
+
+    #[test]
+    fn every_spelling_of_a_room_is_one_key() {
+        let r = router();
+        for raw in ["/room/lobby/ws", "//room/lobby/./ws", "/room/%6Cobby/ws", "/x/../room/lobby/ws"] {
+            let path = normalize_path(raw);
+            let m = r.find(None, &path).unwrap();
+            assert_eq!(m.key, Some("lobby"), "{raw}");
+        }
+    }
+}
