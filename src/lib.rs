@@ -1,11 +1,20 @@
 //! wsgate: an admission gateway for WebSocket upstreams, built on Pingora.
 //!
-//! Modules follow a request: `config` says what is allowed, `route` finds the
-//! route, `client` names the client, `admission` takes slots, `proxy` carries
-//! the stream, `metrics` and `admin` report on it, `server` wires it together.
+//! Modules in the order a request meets them: `config` says what is allowed,
+//! `request` tells a stream from plain HTTP, `route` finds the route and its
+//! key, `client` names the client, `admission` takes the slots, `refusal`
+//! answers when it cannot, `proxy` carries the stream; `gateway` holds the
+//! shared state, `metrics` and `admin` report on it, `server` wires it up.
 #![forbid(unsafe_code)]
 
-pub mod admission;
-pub mod client;
 pub mod config;
+pub mod request;
 pub mod route;
+pub mod client;
+pub mod admission;
+pub mod refusal;
+pub mod proxy;
+pub mod gateway;
+pub mod metrics;
+pub mod admin;
+pub mod server;

@@ -1,0 +1,149 @@
+//! The gateway's shared state: the config in force, the admission table and
+//! the metrics, and how a new config is put in force.
+//!
+//! A request reads one [`Snapshot`] at its start and keeps it to its end, so a
+//! reload never changes the rules under a request in flight. Counts live in
+//! the [`AdmissionTable`], outside the snapshot, so they survive reloads.
+
+use crate::admission::{AdmissionTable, RouteSlots, Scope};
+use crate::config::{Config, Route};
+use crate::metrics::Metrics;
+use crate::refusal::RejectionLog;
+use arc_swap::ArcSwap;
+use pingora::utils::tls::WrappedX509;
+use prometheus::{Histogram, IntCounter};
+use std::sync::Arc;
+
+/// One route with everything the hot path needs already looked up: its
+/// slots and its metric children, so admission allocates nothing for them.
+pub struct LiveRoute {
+    pub route: Arc<Route>,
+    pub slots: Arc<RouteSlots>,
+    pub admitted: IntCounter,
+    pub duration: Histogram,
+    /// Indexed by `[scope][dry_run]`.
+    rejected: [[IntCounter; 2]; 4],
+    /// The upstream's own CA certificates, loaded once per config.
+    pub ca: Option<Arc<[WrappedX509]>>,
+}
+
+impl LiveRoute {
+    pub fn rejected(&self, scope: Scope, dry_run: bool) -> &IntCounter {
+        let i = Scope::ALL.iter().position(|s| *s == scope).unwrap_or(0);
+        &self.rejected[i][usize::from(dry_run)]
+    }
+}
+
+/// A config and the live routes built from it.
+pub struct Snapshot {
+    pub config: Config,
+    pub routes: Vec<LiveRoute>,
+}
+
+pub struct Gateway {
+    live: ArcSwap<Snapshot>,
+    pub table: AdmissionTable,
+    pub metrics: Metrics,
+    pub rejections: RejectionLog,
+}
+
+/// Why a config could not be put in force.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error("{file}: routes[{index}].upstream.ca_file: {message}")]
+    CaFile {
+        file: String,
+        index: usize,
+        message: String,
+    },
+}
+
+impl Gateway {
+    pub fn new(config: Config) -> Result<Arc<Self>, ApplyError> {
+        let table = AdmissionTable::new();
+        let metrics = Metrics::new();
+        let snapshot = build(&config, &table, &metrics)?;
+        metrics.apply_config(&config);
+        metrics
+            .last_reload_success_time
+            .set(unix_now());
+        let rejections = RejectionLog::new(config.rejections_per_second);
+        Ok(Arc::new(Self {
+            live: ArcSwap::from_pointee(Snapshot {
+                config,
+                routes: snapshot,
+            }),
+            table,
+            metrics,
+            rejections,
+        }))
+    }
+
+    /// The snapshot in force now.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.live.load_full()
+    }
+
+    /// Puts `config` in force for new requests. Live streams keep their
+    /// permits, so their slots stay counted under their route's name.
+    pub fn apply(&self, config: Config) -> Result<(), ApplyError> {
+        let routes = build(&config, &self.table, &self.metrics)?;
+        let names: Vec<&str> = config.routes.iter().map(|r| r.name.as_ref()).collect();
+        self.table.retain_routes(&names);
+        self.metrics.apply_config(&config);
+        self.rejections.set_rate(config.rejections_per_second);
+        self.live.store(Arc::new(Snapshot { config, routes }));
+        Ok(())
+    }
+}
+
+fn build(config: &Config, table: &AdmissionTable, metrics: &Metrics) -> Result<Vec<LiveRoute>, ApplyError> {
+    let mut out = Vec::with_capacity(config.routes.len());
+    for (index, route) in config.routes.iter().enumerate() {
+        let name = route.name.as_ref();
+        let ca = match &route.upstream.ca_file {
+            None => None,
+            Some(path) => Some(load_ca(path).map_err(|message| ApplyError::CaFile {
+                file: config.file.display().to_string(),
+                index,
+                message,
+            })?),
+        };
+        let rejected = Scope::ALL.map(|scope| {
+            ["false", "true"].map(|dry| metrics.rejected.with_label_values(&[name, scope.as_str(), dry]))
+        });
+        out.push(LiveRoute {
+            route: route.clone(),
+            slots: table.route(name),
+            admitted: metrics.admitted.with_label_values(&[name]),
+            duration: metrics.duration.with_label_values(&[name]),
+            rejected,
+            ca,
+        });
+    }
+    Ok(out)
+}
+
+fn load_ca(path: &std::path::Path) -> Result<Arc<[WrappedX509]>, String> {
+    let file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut reader = std::io::BufReader::new(file);
+    let mut certs = Vec::new();
+    for cert in rustls_pemfile::certs(&mut reader) {
+        let der = cert.map_err(|e| format!("{}: {e}", path.display()))?;
+        let raw = der.as_ref().to_vec();
+        if x509_parser::parse_x509_certificate(&raw).is_err() {
+            return Err(format!("{}: a certificate does not parse", path.display()));
+        }
+        certs.push(WrappedX509::new(raw, |raw| pingora::utils::tls::parse_x509(raw)));
+    }
+    if certs.is_empty() {
+        return Err(format!("{}: no PEM certificate in the file", path.display()));
+    }
+    Ok(certs.into())
+}
+
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}

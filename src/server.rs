@@ -1,0 +1,88 @@
+//! Wiring: turns a validated [`Config`] into a running Pingora server with
+//! the proxy listeners and the admin listener.
+
+use crate::admin::Admin;
+use crate::config::{Config, Keepalive};
+use crate::gateway::Gateway;
+use crate::proxy::Proxy;
+use anyhow::Context;
+use pingora::listeners::tls::TlsSettings;
+use pingora::listeners::TcpSocketOptions;
+use pingora::protocols::TcpKeepalive;
+use pingora::server::configuration::{Opt, ServerConf};
+use pingora::server::Server;
+use pingora::services::listening::Service;
+use std::sync::Arc;
+
+/// Options from the command line that Pingora acts on.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct RunOptions {
+    /// Take the listeners over from a running wsgate (Pingora's upgrade).
+    pub upgrade: bool,
+}
+
+/// Pingora's keepalive settings for ours. The user timeout bounds how long
+/// unacknowledged data may sit, so a vanished peer with a full send buffer
+/// is reaped too, not only an idle one.
+pub fn keepalive(k: &Keepalive) -> TcpKeepalive {
+    TcpKeepalive {
+        idle: k.idle,
+        interval: k.interval,
+        count: k.count,
+        #[cfg(target_os = "linux")]
+        user_timeout: k.idle + k.interval * k.count as u32,
+    }
+}
+
+/// Builds the server; returns it ready for `run_forever`.
+pub fn build(config: Config, options: RunOptions) -> anyhow::Result<(Server, Arc<Gateway>)> {
+    for path in [&config.server.pid_file, &config.server.upgrade_sock] {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+    }
+
+    let conf = ServerConf {
+        threads: config.server.threads,
+        pid_file: config.server.pid_file.display().to_string(),
+        upgrade_sock: config.server.upgrade_sock.display().to_string(),
+        grace_period_seconds: Some(config.server.grace_period.as_secs()),
+        graceful_shutdown_timeout_seconds: Some(1),
+        ..ServerConf::default()
+    };
+    let opt = Opt {
+        upgrade: options.upgrade,
+        ..Opt::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(opt, conf);
+
+    let gateway = Gateway::new(config.clone()).context("applying the config")?;
+    let mut proxy = pingora_proxy::http_proxy_service_with_name(
+        &server.configuration,
+        Proxy::new(gateway.clone()),
+        "wsgate proxy",
+    );
+    let mut sock = TcpSocketOptions::default();
+    sock.tcp_keepalive = config.server.tcp_keepalive.as_ref().map(keepalive);
+    for listener in &config.listeners {
+        match &listener.tls {
+            None => proxy.add_tcp_with_settings(&listener.address, sock.clone()),
+            Some((cert, key)) => {
+                let cert = cert.display().to_string();
+                let key = key.display().to_string();
+                let mut tls = TlsSettings::intermediate(&cert, &key)
+                    .with_context(|| format!("{}: loading TLS certificate {cert} and key {key}", config.file.display()))?;
+                // WebSocket upgrades exist on HTTP/1.1 only.
+                tls.set_alpn(pingora::protocols::ALPN::H1);
+                proxy.add_tls_with_settings(&listener.address, Some(sock.clone()), tls);
+            }
+        }
+    }
+
+    let mut admin = Service::new("wsgate admin".to_string(), Admin::new(gateway.clone()));
+    admin.add_tcp(&config.admin.to_string());
+
+    server.add_service(proxy);
+    server.add_service(admin);
+    Ok((server, gateway))
+}
