@@ -77,16 +77,21 @@ impl ServeHttp for Admin {
             (&Method::GET, "/metrics") => (
                 StatusCode::OK,
                 "text/plain; version=0.0.4",
-                self.gateway.metrics.render(&self.gateway.table).into_bytes(),
+                self.gateway
+                    .metrics
+                    .render(&self.gateway.table)
+                    .into_bytes(),
             ),
             (&Method::GET, "/healthz") => (StatusCode::OK, "text/plain", b"ok\n".to_vec()),
             (&Method::GET, "/status") => {
                 let body = serde_json::to_vec_pretty(&self.status()).unwrap_or_default();
                 (StatusCode::OK, "application/json", body)
             }
-            (_, "/metrics" | "/healthz" | "/status") => {
-                (StatusCode::METHOD_NOT_ALLOWED, "text/plain", b"GET only\n".to_vec())
-            }
+            (_, "/metrics" | "/healthz" | "/status") => (
+                StatusCode::METHOD_NOT_ALLOWED,
+                "text/plain",
+                b"GET only\n".to_vec(),
+            ),
             _ => (StatusCode::NOT_FOUND, "text/plain", b"not found\n".to_vec()),
         };
         Response::builder()

@@ -180,7 +180,7 @@ impl<K: Hash + Eq + Clone> KeyedCounter<K> {
             let shard = shard.lock().unwrap_or_else(|e| e.into_inner());
             all.extend(shard.iter().map(|(k, v)| (k.clone(), *v)));
         }
-        all.sort_unstable_by(|a, b| b.1.cmp(&a.1));
+        all.sort_unstable_by_key(|(_, n)| std::cmp::Reverse(*n));
         all.truncate(n);
         all
     }
@@ -413,7 +413,10 @@ mod tests {
         };
         let a = admitted(table.admit(&route, &ask(limits, None, 1)));
         let b = admitted(table.admit(&route, &ask(limits, None, 2)));
-        assert_eq!(refused(table.admit(&route, &ask(limits, None, 3))), Scope::Route);
+        assert_eq!(
+            refused(table.admit(&route, &ask(limits, None, 3))),
+            Scope::Route
+        );
         assert_eq!(route.live(), 2);
 
         drop(a);
@@ -433,9 +436,16 @@ mod tests {
             per_client: Some(5),
         };
         let _held = admitted(table.admit(&route, &ask(limits, Some("a"), 1)));
-        assert_eq!(refused(table.admit(&route, &ask(limits, Some("b"), 2))), Scope::Route);
+        assert_eq!(
+            refused(table.admit(&route, &ask(limits, Some("b"), 2))),
+            Scope::Route
+        );
 
-        assert_eq!(route.keys().tracked(), 1, "key b was rolled back and forgotten");
+        assert_eq!(
+            route.keys().tracked(),
+            1,
+            "key b was rolled back and forgotten"
+        );
         assert_eq!(route.clients().tracked(), 1, "client 2 was rolled back");
         assert_eq!(route.keys().get("b"), 0);
     }
@@ -450,7 +460,10 @@ mod tests {
             ..Default::default()
         };
         let a = admitted(table.admit(&route, &ask(limits, Some("room"), 1)));
-        assert_eq!(refused(table.admit(&route, &ask(limits, Some("room"), 1))), Scope::Key);
+        assert_eq!(
+            refused(table.admit(&route, &ask(limits, Some("room"), 1))),
+            Scope::Key
+        );
         assert_eq!(route.keys().tracked(), 1);
         drop(a);
         assert_eq!(route.keys().tracked(), 0);
@@ -484,7 +497,13 @@ mod tests {
         let mut a = ask(limits, None, 1);
         a.dry_run = true;
         let first = table.admit(&route, &a);
-        assert!(matches!(first, Admission::Admitted { would_refuse: None, .. }));
+        assert!(matches!(
+            first,
+            Admission::Admitted {
+                would_refuse: None,
+                ..
+            }
+        ));
         let second = table.admit(&route, &a);
         assert!(matches!(
             second,

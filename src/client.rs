@@ -68,7 +68,7 @@ impl ClientPolicy {
         let peer = canonical(peer);
         let addr = match self.header {
             Some(header) if self.is_trusted(peer) => {
-                self.from_header(header, peer, headers).unwrap_or(peer)
+                self.read_header(header, peer, headers).unwrap_or(peer)
             }
             _ => peer,
         };
@@ -84,7 +84,12 @@ impl ClientPolicy {
         self.trusted.iter().any(|net| net.contains(&ip))
     }
 
-    fn from_header(&self, header: ForwardHeader, peer: IpAddr, headers: &HeaderMap) -> Option<IpAddr> {
+    fn read_header(
+        &self,
+        header: ForwardHeader,
+        peer: IpAddr,
+        headers: &HeaderMap,
+    ) -> Option<IpAddr> {
         match header {
             ForwardHeader::CfConnectingIp | ForwardHeader::XRealIp => {
                 // More than one value is ambiguous: believe none of them.
@@ -169,7 +174,10 @@ mod tests {
     fn policy(header: ForwardHeader) -> ClientPolicy {
         ClientPolicy {
             header: Some(header),
-            trusted: vec!["10.0.0.0/8".parse().unwrap(), "2001:db8:ffff::/48".parse().unwrap()],
+            trusted: vec![
+                "10.0.0.0/8".parse().unwrap(),
+                "2001:db8:ffff::/48".parse().unwrap(),
+            ],
             ..Default::default()
         }
     }
@@ -207,7 +215,10 @@ mod tests {
         assert_eq!(p.identify(ip("10.0.0.1"), &h).addr, ip("10.0.0.2"));
 
         // No header: the peer.
-        assert_eq!(p.identify(ip("10.0.0.1"), &HeaderMap::new()).addr, ip("10.0.0.1"));
+        assert_eq!(
+            p.identify(ip("10.0.0.1"), &HeaderMap::new()).addr,
+            ip("10.0.0.1")
+        );
     }
 
     #[test]
@@ -216,7 +227,10 @@ mod tests {
         let h = headers(&[("cf-connecting-ip", "203.0.113.9")]);
         assert_eq!(p.identify(ip("10.0.0.1"), &h).addr, ip("203.0.113.9"));
 
-        let twice = headers(&[("cf-connecting-ip", "1.1.1.1"), ("cf-connecting-ip", "2.2.2.2")]);
+        let twice = headers(&[
+            ("cf-connecting-ip", "1.1.1.1"),
+            ("cf-connecting-ip", "2.2.2.2"),
+        ]);
         assert_eq!(p.identify(ip("10.0.0.1"), &twice).addr, ip("10.0.0.1"));
 
         let bad = headers(&[("cf-connecting-ip", "nonsense")]);

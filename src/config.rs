@@ -77,7 +77,11 @@ impl ConfigError {
 
 /// Deserializes a string through `parse`. The error is raised inside the
 /// visitor, so serde_yaml reports the scalar's own line, column and path.
-fn from_text<'de, D, T>(d: D, expecting: &'static str, parse: fn(&str) -> Result<T, String>) -> Result<T, D::Error>
+fn from_text<'de, D, T>(
+    d: D,
+    expecting: &'static str,
+    parse: fn(&str) -> Result<T, String>,
+) -> Result<T, D::Error>
 where
     D: Deserializer<'de>,
 {
@@ -124,7 +128,9 @@ impl<'de> Deserialize<'de> for Timeout {
             match humantime::parse_duration(s.trim()) {
                 Ok(d) if d.is_zero() => Ok(Timeout(None)),
                 Ok(d) => Ok(Timeout(Some(d))),
-                Err(e) => Err(format!("invalid duration `{s}`: {e} (write e.g. \"30s\", or `off`)")),
+                Err(e) => Err(format!(
+                    "invalid duration `{s}`: {e} (write e.g. \"30s\", or `off`)"
+                )),
             }
         })
     }
@@ -440,7 +446,12 @@ struct Checker<'a> {
 }
 
 impl Checker<'_> {
-    fn problem(&mut self, line: Option<usize>, field: impl Into<String>, message: impl Into<String>) {
+    fn problem(
+        &mut self,
+        line: Option<usize>,
+        field: impl Into<String>,
+        message: impl Into<String>,
+    ) {
         self.problems.push(Problem {
             file: self.file.clone(),
             line,
@@ -472,7 +483,11 @@ impl Checker<'_> {
             Ok(a) => Some(a),
             Err(_) => {
                 let line = self.line_of("address", &raw.admin.address, 0);
-                self.problem(line, "admin.address", format!("`{}` is not an address:port", raw.admin.address));
+                self.problem(
+                    line,
+                    "admin.address",
+                    format!("`{}` is not an address:port", raw.admin.address),
+                );
                 None
             }
         };
@@ -486,7 +501,11 @@ impl Checker<'_> {
             } else {
                 "log.rejections_per_second"
             };
-            self.problem(None, field, "must be at least 1 (leave it out for no limit)");
+            self.problem(
+                None,
+                field,
+                "must be at least 1 (leave it out for no limit)",
+            );
         }
 
         Some(Config {
@@ -504,7 +523,11 @@ impl Checker<'_> {
 
     fn listeners(&mut self, raw: &[ListenFile]) -> Vec<Listener> {
         if raw.is_empty() {
-            self.problem(self.line_of("listen", "", 0), "listen", "at least one listener is needed");
+            self.problem(
+                self.line_of("listen", "", 0),
+                "listen",
+                "at least one listener is needed",
+            );
         }
         let mut seen = HashSet::new();
         let mut out = Vec::new();
@@ -512,7 +535,11 @@ impl Checker<'_> {
             let field = format!("listen[{i}].address");
             let line = self.line_of("address", &l.address, 0);
             if l.address.parse::<SocketAddr>().is_err() {
-                self.problem(line, field, format!("`{}` is not an address:port", l.address));
+                self.problem(
+                    line,
+                    field,
+                    format!("`{}` is not an address:port", l.address),
+                );
                 continue;
             }
             if !seen.insert(l.address.clone()) {
@@ -522,7 +549,11 @@ impl Checker<'_> {
                 for (name, p) in [("cert", &tls.cert), ("key", &tls.key)] {
                     if !p.is_file() {
                         let line = self.line_of(name, &p.display().to_string(), 0);
-                        self.problem(line, format!("listen[{i}].tls.{name}"), format!("no file at `{}`", p.display()));
+                        self.problem(
+                            line,
+                            format!("listen[{i}].tls.{name}"),
+                            format!("no file at `{}`", p.display()),
+                        );
                     }
                 }
             }
@@ -549,7 +580,9 @@ impl Checker<'_> {
         };
         ServerSettings {
             threads: raw.threads.unwrap_or(2).max(1),
-            pid_file: raw.pid_file.unwrap_or_else(|| PathBuf::from("/tmp/wsgate/wsgate.pid")),
+            pid_file: raw
+                .pid_file
+                .unwrap_or_else(|| PathBuf::from("/tmp/wsgate/wsgate.pid")),
             upgrade_sock: raw
                 .upgrade_sock
                 .unwrap_or_else(|| PathBuf::from("/tmp/wsgate/upgrade.sock")),
@@ -559,7 +592,12 @@ impl Checker<'_> {
     }
 
     fn client_ip(&mut self, raw: ClientIpFile) -> Option<ClientPolicy> {
-        let header = match raw.header.as_deref().map(str::to_ascii_lowercase).as_deref() {
+        let header = match raw
+            .header
+            .as_deref()
+            .map(str::to_ascii_lowercase)
+            .as_deref()
+        {
             None => None,
             Some("cf-connecting-ip") => Some(ForwardHeader::CfConnectingIp),
             Some("x-real-ip") => Some(ForwardHeader::XRealIp),
@@ -583,7 +621,11 @@ impl Checker<'_> {
         }
         let ipv6_prefix = raw.ipv6_prefix.unwrap_or(64);
         if ipv6_prefix > 128 {
-            self.problem(None, "client_ip.ipv6_prefix", format!("{ipv6_prefix} is not a prefix length (0 to 128)"));
+            self.problem(
+                None,
+                "client_ip.ipv6_prefix",
+                format!("{ipv6_prefix} is not a prefix length (0 to 128)"),
+            );
         }
         Some(ClientPolicy {
             header,
@@ -595,7 +637,11 @@ impl Checker<'_> {
 
     fn routes(&mut self, raw: Vec<RouteFile>) -> (Vec<Arc<Route>>, Router) {
         if raw.is_empty() {
-            self.problem(self.line_of("routes", "", 0), "routes", "at least one route is needed");
+            self.problem(
+                self.line_of("routes", "", 0),
+                "routes",
+                "at least one route is needed",
+            );
         }
         let mut names: Vec<String> = Vec::new();
         let mut routes = Vec::new();
@@ -604,7 +650,11 @@ impl Checker<'_> {
             let nth = names.iter().filter(|n| **n == r.name).count();
             let line = self.line_of("name", &r.name, nth);
             if nth > 0 {
-                self.problem(line, format!("routes[{i}].name"), format!("route name `{}` is used twice", r.name));
+                self.problem(
+                    line,
+                    format!("routes[{i}].name"),
+                    format!("route name `{}` is used twice", r.name),
+                );
             }
             names.push(r.name.clone());
             if let Some((route, matcher)) = self.route(i, line, r) {
@@ -618,7 +668,9 @@ impl Checker<'_> {
     fn route(&mut self, i: usize, line: Option<usize>, r: RouteFile) -> Option<(Route, Matcher)> {
         let at = |f: &str| format!("routes[{i}].{f}");
         let valid_name = !r.name.is_empty()
-            && r.name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+            && r.name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
         if !valid_name {
             self.problem(line, at("name"), "use letters, digits, `-`, `_` or `.`");
         }
@@ -627,17 +679,31 @@ impl Checker<'_> {
             (Some(p), None) => match Pattern::parse(p) {
                 Ok(pattern) => Some(PathMatch::Pattern(pattern)),
                 Err(e) => {
-                    self.problem(self.line_of("path", p, 0), at("path"), format!("`{p}`: {e}"));
+                    self.problem(
+                        self.line_of("path", p, 0),
+                        at("path"),
+                        format!("`{p}`: {e}"),
+                    );
                     None
                 }
             },
-            (None, Some(p)) if p.starts_with('/') => Some(PathMatch::Prefix(crate::route::normalize_path(p).into_owned())),
+            (None, Some(p)) if p.starts_with('/') => Some(PathMatch::Prefix(
+                crate::route::normalize_path(p).into_owned(),
+            )),
             (None, Some(p)) => {
-                self.problem(self.line_of("prefix", p, 0), at("prefix"), format!("`{p}` must start with `/`"));
+                self.problem(
+                    self.line_of("prefix", p, 0),
+                    at("prefix"),
+                    format!("`{p}` must start with `/`"),
+                );
                 None
             }
             _ => {
-                self.problem(line, at("path"), "give exactly one of `path` (a pattern) or `prefix`");
+                self.problem(
+                    line,
+                    at("path"),
+                    "give exactly one of `path` (a pattern) or `prefix`",
+                );
                 None
             }
         };
@@ -648,7 +714,11 @@ impl Checker<'_> {
                 Some(idx) => Some(idx),
                 None => {
                     let line = self.line_of("key", k, 0);
-                    self.problem(line, at("key"), format!("`{k}` is not a `{{segment}}` of the route's path"));
+                    self.problem(
+                        line,
+                        at("key"),
+                        format!("`{k}` is not a `{{segment}}` of the route's path"),
+                    );
                     None
                 }
             },
@@ -656,16 +726,32 @@ impl Checker<'_> {
             (Some(_), None) => None,
             (Some(k), Some(PathMatch::Prefix(_))) => {
                 let line = self.line_of("key", k, 0);
-                self.problem(line, at("key"), format!("`{k}` needs a `path` pattern with a `{{{k}}}` segment"));
+                self.problem(
+                    line,
+                    at("key"),
+                    format!("`{k}` needs a `path` pattern with a `{{{k}}}` segment"),
+                );
                 None
             }
         };
         if r.limits.per_key.is_some() && r.key.is_none() {
-            self.problem(line, at("limits.per_key"), "a per-key limit needs the route's `key`");
+            self.problem(
+                line,
+                at("limits.per_key"),
+                "a per-key limit needs the route's `key`",
+            );
         }
-        for (f, v) in [("total", r.limits.total), ("per_key", r.limits.per_key), ("per_client", r.limits.per_client)] {
+        for (f, v) in [
+            ("total", r.limits.total),
+            ("per_key", r.limits.per_key),
+            ("per_client", r.limits.per_client),
+        ] {
             if v == Some(0) {
-                self.problem(line, at(&format!("limits.{f}")), "must be at least 1 (leave it out for no limit)");
+                self.problem(
+                    line,
+                    at(&format!("limits.{f}")),
+                    "must be at least 1 (leave it out for no limit)",
+                );
             }
         }
 
@@ -673,7 +759,11 @@ impl Checker<'_> {
         let reject_status = match StatusCode::from_u16(status) {
             Ok(s) if (400..=599).contains(&status) => Some(s),
             _ => {
-                self.problem(line, at("reject.status"), format!("{status} is not a 4xx or 5xx status"));
+                self.problem(
+                    line,
+                    at("reject.status"),
+                    format!("{status} is not a 4xx or 5xx status"),
+                );
                 None
             }
         };
@@ -695,7 +785,11 @@ impl Checker<'_> {
             max_lifetime: r.max_lifetime.0,
             dry_run: r.dry_run,
         };
-        let matcher = Matcher { host, path: path?, key };
+        let matcher = Matcher {
+            host,
+            path: path?,
+            key,
+        };
         Some((route, matcher))
     }
 
@@ -712,21 +806,40 @@ impl Checker<'_> {
             Some("http") | Some("ws") => false,
             Some("https") | Some("wss") => true,
             _ => {
-                self.problem(line, format!("{at}.url"), format!("`{}` needs a scheme: http:// or https://", u.url));
+                self.problem(
+                    line,
+                    format!("{at}.url"),
+                    format!("`{}` needs a scheme: http:// or https://", u.url),
+                );
                 return None;
             }
         };
-        let Some(host) = uri.host().map(|h| h.trim_start_matches('[').trim_end_matches(']').to_string()) else {
-            self.problem(line, format!("{at}.url"), format!("`{}` has no host", u.url));
+        let Some(host) = uri
+            .host()
+            .map(|h| h.trim_start_matches('[').trim_end_matches(']').to_string())
+        else {
+            self.problem(
+                line,
+                format!("{at}.url"),
+                format!("`{}` has no host", u.url),
+            );
             return None;
         };
         if uri.path() != "/" && !uri.path().is_empty() {
-            self.problem(line, format!("{at}.url"), "paths are not rewritten: give scheme, host and port only");
+            self.problem(
+                line,
+                format!("{at}.url"),
+                "paths are not rewritten: give scheme, host and port only",
+            );
         }
         if let Some(ca) = &u.ca_file {
             if !ca.is_file() {
                 let line = self.line_of("ca_file", &ca.display().to_string(), 0);
-                self.problem(line, format!("{at}.ca_file"), format!("no file at `{}`", ca.display()));
+                self.problem(
+                    line,
+                    format!("{at}.ca_file"),
+                    format!("no file at `{}`", ca.display()),
+                );
             }
         }
         Some(Upstream {
@@ -738,7 +851,9 @@ impl Checker<'_> {
             ca_file: u.ca_file,
             host_header: u.host_header,
             connect_timeout: u.connect_timeout.map_or(DEFAULT_CONNECT_TIMEOUT, |d| d.0),
-            handshake_timeout: u.handshake_timeout.map_or(DEFAULT_HANDSHAKE_TIMEOUT, |d| d.0),
+            handshake_timeout: u
+                .handshake_timeout
+                .map_or(DEFAULT_HANDSHAKE_TIMEOUT, |d| d.0),
         })
     }
 }
@@ -790,19 +905,51 @@ routes:
     #[test]
     fn bad_files_each_give_one_line_naming_file_line_and_field() {
         let cases: &[(&str, &str, &str)] = &[
-            ("    limits:\n", "    limits:\n      totl: 5\n", "t.yaml:11:7: routes[0].limits: unknown field `totl`"),
-            ("      total: 500", "      total: lots", "t.yaml:11:14: routes[0].limits.total: invalid type"),
-            ("    idle_timeout: 5m", "    idle_timeout: 5 parsecs", "t.yaml:14:19: routes[0].idle_timeout: invalid duration"),
-            ("    key: room", "    key: roomz", "t.yaml:7: routes[0].key: `roomz` is not a `{segment}`"),
-            ("/room/{room}/ws", "/room/{ro om}/ws", "t.yaml:6: routes[0].path: `/room/{ro om}/ws`: segment"),
-            ("      per_client: 10", "      per_client: -1", "t.yaml:13:19: routes[0].limits.per_client: invalid type: integer `-1`"),
-            ("    upstream:", "    upstream:\n      verify: false", "t.yaml:9:7: routes[0].upstream: unknown field `verify`"),
+            (
+                "    limits:\n",
+                "    limits:\n      totl: 5\n",
+                "t.yaml:11:7: routes[0].limits: unknown field `totl`",
+            ),
+            (
+                "      total: 500",
+                "      total: lots",
+                "t.yaml:11:14: routes[0].limits.total: invalid type",
+            ),
+            (
+                "    idle_timeout: 5m",
+                "    idle_timeout: 5 parsecs",
+                "t.yaml:14:19: routes[0].idle_timeout: invalid duration",
+            ),
+            (
+                "    key: room",
+                "    key: roomz",
+                "t.yaml:7: routes[0].key: `roomz` is not a `{segment}`",
+            ),
+            (
+                "/room/{room}/ws",
+                "/room/{ro om}/ws",
+                "t.yaml:6: routes[0].path: `/room/{ro om}/ws`: segment",
+            ),
+            (
+                "      per_client: 10",
+                "      per_client: -1",
+                "t.yaml:13:19: routes[0].limits.per_client: invalid type: integer `-1`",
+            ),
+            (
+                "    upstream:",
+                "    upstream:\n      verify: false",
+                "t.yaml:9:7: routes[0].upstream: unknown field `verify`",
+            ),
         ];
         for (from, to, want) in cases {
             let src = GOOD.replacen(from, to, 1);
             let got = errors(&src);
             assert_eq!(got.len(), 1, "{got:?}");
-            assert!(got[0].starts_with(want), "got {:?}, want prefix {want:?}", got[0]);
+            assert!(
+                got[0].starts_with(want),
+                "got {:?}, want prefix {want:?}",
+                got[0]
+            );
         }
     }
 
@@ -817,7 +964,10 @@ routes:
 
         let dup = format!("{GOOD}{}", GOOD.split("routes:\n").nth(1).unwrap());
         let got = errors(&dup);
-        assert_eq!(got, vec!["t.yaml:15: routes[1].name: route name `rooms` is used twice"]);
+        assert_eq!(
+            got,
+            vec!["t.yaml:15: routes[1].name: route name `rooms` is used twice"]
+        );
     }
 
     #[test]

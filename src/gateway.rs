@@ -64,9 +64,7 @@ impl Gateway {
         let metrics = Metrics::new();
         let snapshot = build(&config, &table, &metrics)?;
         metrics.apply_config(&config);
-        metrics
-            .last_reload_success_time
-            .set(unix_now());
+        metrics.last_reload_success_time.set(unix_now());
         let rejections = RejectionLog::new(config.rejections_per_second);
         Ok(Arc::new(Self {
             live: ArcSwap::from_pointee(Snapshot {
@@ -97,7 +95,11 @@ impl Gateway {
     }
 }
 
-fn build(config: &Config, table: &AdmissionTable, metrics: &Metrics) -> Result<Vec<LiveRoute>, ApplyError> {
+fn build(
+    config: &Config,
+    table: &AdmissionTable,
+    metrics: &Metrics,
+) -> Result<Vec<LiveRoute>, ApplyError> {
     let mut out = Vec::with_capacity(config.routes.len());
     for (index, route) in config.routes.iter().enumerate() {
         let name = route.name.as_ref();
@@ -110,7 +112,11 @@ fn build(config: &Config, table: &AdmissionTable, metrics: &Metrics) -> Result<V
             })?),
         };
         let rejected = Scope::ALL.map(|scope| {
-            ["false", "true"].map(|dry| metrics.rejected.with_label_values(&[name, scope.as_str(), dry]))
+            ["false", "true"].map(|dry| {
+                metrics
+                    .rejected
+                    .with_label_values(&[name, scope.as_str(), dry])
+            })
         });
         out.push(LiveRoute {
             route: route.clone(),
@@ -134,10 +140,13 @@ fn load_ca(path: &std::path::Path) -> Result<Arc<[WrappedX509]>, String> {
         if x509_parser::parse_x509_certificate(&raw).is_err() {
             return Err(format!("{}: a certificate does not parse", path.display()));
         }
-        certs.push(WrappedX509::new(raw, |raw| pingora::utils::tls::parse_x509(raw)));
+        certs.push(WrappedX509::new(raw, pingora::utils::tls::parse_x509));
     }
     if certs.is_empty() {
-        return Err(format!("{}: no PEM certificate in the file", path.display()));
+        return Err(format!(
+            "{}: no PEM certificate in the file",
+            path.display()
+        ));
     }
     Ok(certs.into())
 }

@@ -3,18 +3,20 @@
 //! Modules in the order a request meets them: `config` says what is allowed,
 //! `request` tells a stream from plain HTTP, `route` finds the route and its
 //! key, `client` names the client, `admission` takes the slots, `refusal`
-//! answers when it cannot, `proxy` carries the stream; `gateway` holds the
-//! shared state, `metrics` and `admin` report on it, `server` wires it up.
+//! answers when it cannot, `proxy` hooks into Pingora and `relay` carries
+//! the stream; `gateway` holds the shared state, `metrics` and `admin`
+//! report on it, `server` wires it up.
 #![forbid(unsafe_code)]
 
-pub mod config;
-pub mod request;
-pub mod route;
-pub mod client;
+pub mod admin;
 pub mod admission;
-pub mod refusal;
-pub mod proxy;
+pub mod client;
+pub mod config;
 pub mod gateway;
 pub mod metrics;
-pub mod admin;
+pub mod proxy;
+pub mod refusal;
+pub mod relay;
+pub mod request;
+pub mod route;
 pub mod server;

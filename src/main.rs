@@ -87,8 +87,9 @@ fn run(path: &std::path::Path, upgrade: bool) -> anyhow::Result<std::convert::In
     let listeners: Vec<String> = config.listeners.iter().map(|l| l.address.clone()).collect();
     let admin = config.admin;
 
-    let (mut server, _gateway) = wsgate::server::build(config, wsgate::server::RunOptions { upgrade })
-        .with_context(|| format!("starting with {}", path.display()))?;
+    let (mut server, _gateway) =
+        wsgate::server::build(config, wsgate::server::RunOptions { upgrade })
+            .with_context(|| format!("starting with {}", path.display()))?;
     server.bootstrap();
     tracing::info!(config = %path.display(), routes, ?listeners, %admin, "wsgate starting");
     server.run_forever()
@@ -97,7 +98,12 @@ fn run(path: &std::path::Path, upgrade: bool) -> anyhow::Result<std::convert::In
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("WSGATE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // Colour only on a terminal: log files and collectors get plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),

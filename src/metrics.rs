@@ -56,12 +56,18 @@ impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
         let streams_active = IntGaugeVec::new(
-            Opts::new("wsgate_streams_active", "Live upgraded streams (slots held) per route."),
+            Opts::new(
+                "wsgate_streams_active",
+                "Live upgraded streams (slots held) per route.",
+            ),
             &["route"],
         )
         .expect("valid metric");
         let admitted = IntCounterVec::new(
-            Opts::new("wsgate_streams_admitted_total", "Upgrade requests admitted per route."),
+            Opts::new(
+                "wsgate_streams_admitted_total",
+                "Upgrade requests admitted per route.",
+            ),
             &["route"],
         )
         .expect("valid metric");
@@ -74,10 +80,22 @@ impl Metrics {
         )
         .expect("valid metric");
         let duration = HistogramVec::new(
-            HistogramOpts::new("wsgate_stream_duration_seconds", "Lifetime of upgraded streams.")
-                .buckets(vec![
-                    1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0, 4.0 * 3600.0, 12.0 * 3600.0, 86400.0,
-                ]),
+            HistogramOpts::new(
+                "wsgate_stream_duration_seconds",
+                "Lifetime of upgraded streams.",
+            )
+            .buckets(vec![
+                1.0,
+                5.0,
+                15.0,
+                60.0,
+                300.0,
+                900.0,
+                3600.0,
+                4.0 * 3600.0,
+                12.0 * 3600.0,
+                86400.0,
+            ]),
             &["route"],
         )
         .expect("valid metric");
@@ -90,12 +108,18 @@ impl Metrics {
         )
         .expect("valid metric");
         let limits = IntGaugeVec::new(
-            Opts::new("wsgate_limit_streams", "Configured stream limits per route and scope."),
+            Opts::new(
+                "wsgate_limit_streams",
+                "Configured stream limits per route and scope.",
+            ),
             &["route", "scope"],
         )
         .expect("valid metric");
         let tracked_keys = IntGaugeVec::new(
-            Opts::new("wsgate_tracked_keys", "Keys (route keys, clients) holding at least one slot."),
+            Opts::new(
+                "wsgate_tracked_keys",
+                "Keys (route keys, clients) holding at least one slot.",
+            ),
             &["route", "scope"],
         )
         .expect("valid metric");
@@ -167,7 +191,9 @@ impl Metrics {
                 (Scope::GlobalClient, config.global_per_client),
             ] {
                 if let Some(limit) = limit {
-                    self.limits.with_label_values(&[name, scope.as_str()]).set(i64::from(limit));
+                    self.limits
+                        .with_label_values(&[name, scope.as_str()])
+                        .set(i64::from(limit));
                 }
             }
             self.admitted.with_label_values(&[name]);
@@ -179,14 +205,22 @@ impl Metrics {
         self.streams_active.reset();
         self.tracked_keys.reset();
         for (name, slots) in table.routes() {
-            self.streams_active.with_label_values(&[&name]).set(i64::from(slots.live()));
-            let keyed = [(Scope::Key, slots.keys().tracked()), (Scope::Client, slots.clients().tracked())];
+            self.streams_active
+                .with_label_values(&[&name])
+                .set(i64::from(slots.live()));
+            let keyed = [
+                (Scope::Key, slots.keys().tracked()),
+                (Scope::Client, slots.clients().tracked()),
+            ];
             for (scope, n) in keyed {
-                self.tracked_keys.with_label_values(&[&name, scope.as_str()]).set(n as i64);
+                self.tracked_keys
+                    .with_label_values(&[&name, scope.as_str()])
+                    .set(n as i64);
             }
         }
 
-        self.tracked_global.set(table.global_clients().tracked() as i64);
+        self.tracked_global
+            .set(table.global_clients().tracked() as i64);
 
         let mut families = self.registry.gather();
         families.extend(prometheus::gather());

@@ -11,8 +11,16 @@ use std::time::{Duration, Instant};
 /// The response to an upgrade over a limit: the route's status (503 by
 /// default), `Retry-After`, a short body naming the full scope, and
 /// `Connection: close`.
-pub fn response(status: http::StatusCode, retry_after: Duration, route: &str, scope: Scope) -> (ResponseHeader, Bytes) {
-    let body = Bytes::from(format!("wsgate: {} limit reached on route {route}\n", scope.as_str()));
+pub fn response(
+    status: http::StatusCode,
+    retry_after: Duration,
+    route: &str,
+    scope: Scope,
+) -> (ResponseHeader, Bytes) {
+    let body = Bytes::from(format!(
+        "wsgate: {} limit reached on route {route}\n",
+        scope.as_str()
+    ));
     // Retry-After is whole seconds; round up so a client never retries early.
     let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
 

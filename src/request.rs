@@ -66,10 +66,17 @@ mod tests {
         let v11 = Version::HTTP_11;
         for pairs in [
             &[("upgrade", "websocket"), ("connection", "Upgrade")][..],
-            &[("upgrade", "WebSocket"), ("connection", "keep-alive, upgrade")],
+            &[
+                ("upgrade", "WebSocket"),
+                ("connection", "keep-alive, upgrade"),
+            ],
             &[("upgrade", "WEBSOCKET"), ("connection", "UPGRADE")],
             &[("upgrade", "foo, websocket"), ("connection", "upgrade")],
-            &[("upgrade", "h2c"), ("upgrade", "websocket"), ("connection", "upgrade")],
+            &[
+                ("upgrade", "h2c"),
+                ("upgrade", "websocket"),
+                ("connection", "upgrade"),
+            ],
             // No Connection token: Pingora would still tunnel it, so count it.
             &[("upgrade", "websocket")],
         ] {
@@ -80,12 +87,27 @@ mod tests {
     #[test]
     fn plain_and_other_upgrades() {
         assert_eq!(kind(Version::HTTP_11, &[]), Kind::Plain);
-        assert_eq!(kind(Version::HTTP_11, &[("connection", "upgrade")]), Kind::Plain);
-        assert_eq!(kind(Version::HTTP_10, &[("upgrade", "websocket")]), Kind::Plain);
         assert_eq!(
-            kind(Version::HTTP_11, &[("upgrade", "h2c"), ("connection", "Upgrade, HTTP2-Settings")]),
+            kind(Version::HTTP_11, &[("connection", "upgrade")]),
+            Kind::Plain
+        );
+        assert_eq!(
+            kind(Version::HTTP_10, &[("upgrade", "websocket")]),
+            Kind::Plain
+        );
+        assert_eq!(
+            kind(
+                Version::HTTP_11,
+                &[
+                    ("upgrade", "h2c"),
+                    ("connection", "Upgrade, HTTP2-Settings")
+                ]
+            ),
             Kind::OtherUpgrade
         );
-        assert_eq!(kind(Version::HTTP_11, &[("upgrade", "websockets")]), Kind::OtherUpgrade);
+        assert_eq!(
+            kind(Version::HTTP_11, &[("upgrade", "websockets")]),
+            Kind::OtherUpgrade
+        );
     }
 }

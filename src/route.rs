@@ -48,8 +48,8 @@ impl Pattern {
             if *part == "*" && last {
                 rest = true;
             } else if let Some(name) = part.strip_prefix('{').and_then(|p| p.strip_suffix('}')) {
-                let valid = !name.is_empty()
-                    && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+                let valid =
+                    !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
                 if !valid {
                     return Err(PatternError::BadSegment(part.to_string()));
                 }
@@ -60,7 +60,9 @@ impl Pattern {
             } else if part.is_empty() || part.contains(['{', '}', '*']) {
                 return Err(PatternError::BadSegment(part.to_string()));
             } else {
-                segments.push(Segment::Literal(normalize_path(&format!("/{part}"))[1..].into()));
+                segments.push(Segment::Literal(
+                    normalize_path(&format!("/{part}"))[1..].into(),
+                ));
             }
         }
         Ok(Self { segments, rest })
@@ -332,7 +334,12 @@ mod tests {
         let r = router();
         let m = |h, p| r.find(h, p);
         assert_eq!(m(Some("relay.example.com"), "/registry").unwrap().route, 0);
-        assert_eq!(m(Some("RELAY.example.com:443"), "/registry/ws").unwrap().route, 0);
+        assert_eq!(
+            m(Some("RELAY.example.com:443"), "/registry/ws")
+                .unwrap()
+                .route,
+            0
+        );
         assert_eq!(m(Some("other.example.com"), "/registry").unwrap().route, 2);
         assert_eq!(m(Some("example.com"), "/registryx"), None);
         assert_eq!(m(None, "/registry"), None);
@@ -349,15 +356,29 @@ mod tests {
         assert_eq!(p.matches("/api/1", p.param_index("v")), Some(Some("1")));
         assert_eq!(p.matches("/api/1/a/b", p.param_index("v")), Some(Some("1")));
         assert_eq!(Pattern::parse("room"), Err(PatternError::NoLeadingSlash));
-        assert!(matches!(Pattern::parse("/a/{}/b"), Err(PatternError::BadSegment(_))));
-        assert!(matches!(Pattern::parse("/a/*/b"), Err(PatternError::BadSegment(_))));
-        assert!(matches!(Pattern::parse("/{a}/{a}"), Err(PatternError::DuplicateParam(_))));
+        assert!(matches!(
+            Pattern::parse("/a/{}/b"),
+            Err(PatternError::BadSegment(_))
+        ));
+        assert!(matches!(
+            Pattern::parse("/a/*/b"),
+            Err(PatternError::BadSegment(_))
+        ));
+        assert!(matches!(
+            Pattern::parse("/{a}/{a}"),
+            Err(PatternError::DuplicateParam(_))
+        ));
     }
 
     #[test]
     fn every_spelling_of_a_room_is_one_key() {
         let r = router();
-        for raw in ["/room/lobby/ws", "//room/lobby/./ws", "/room/%6Cobby/ws", "/x/../room/lobby/ws"] {
+        for raw in [
+            "/room/lobby/ws",
+            "//room/lobby/./ws",
+            "/room/%6Cobby/ws",
+            "/x/../room/lobby/ws",
+        ] {
             let path = normalize_path(raw);
             let m = r.find(None, &path).unwrap();
             assert_eq!(m.key, Some("lobby"), "{raw}");

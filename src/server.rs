@@ -6,6 +6,8 @@ use crate::config::{Config, Keepalive};
 use crate::gateway::Gateway;
 use crate::proxy::Proxy;
 use anyhow::Context;
+use pingora::connectors::http::v1::Connector;
+use pingora::connectors::ConnectorOptions;
 use pingora::listeners::tls::TlsSettings;
 use pingora::listeners::TcpSocketOptions;
 use pingora::protocols::TcpKeepalive;
@@ -57,9 +59,12 @@ pub fn build(config: Config, options: RunOptions) -> anyhow::Result<(Server, Arc
     let mut server = Server::new_with_opt_and_conf(opt, conf);
 
     let gateway = Gateway::new(config.clone()).context("applying the config")?;
+    let connector = Connector::new(Some(ConnectorOptions::from_server_conf(
+        &server.configuration,
+    )));
     let mut proxy = pingora_proxy::http_proxy_service_with_name(
         &server.configuration,
-        Proxy::new(gateway.clone()),
+        Proxy::new(gateway.clone(), connector),
         "wsgate proxy",
     );
     let mut sock = TcpSocketOptions::default();
@@ -70,8 +75,12 @@ pub fn build(config: Config, options: RunOptions) -> anyhow::Result<(Server, Arc
             Some((cert, key)) => {
                 let cert = cert.display().to_string();
                 let key = key.display().to_string();
-                let mut tls = TlsSettings::intermediate(&cert, &key)
-                    .with_context(|| format!("{}: loading TLS certificate {cert} and key {key}", config.file.display()))?;
+                let mut tls = TlsSettings::intermediate(&cert, &key).with_context(|| {
+                    format!(
+                        "{}: loading TLS certificate {cert} and key {key}",
+                        config.file.display()
+                    )
+                })?;
                 // WebSocket upgrades exist on HTTP/1.1 only.
                 tls.set_alpn(pingora::protocols::ALPN::H1);
                 proxy.add_tls_with_settings(&listener.address, Some(sock.clone()), tls);

@@ -1,0 +1,375 @@
+//! Test fixtures: a real wsgate process, a scriptable upstream, WebSocket
+//! clients and an admin scraper, all on loopback ports picked at run time.
+//! Everything a fixture starts is stopped when it is dropped.
+#![allow(dead_code)]
+
+pub mod upstream;
+
+use futures_util::{SinkExt, StreamExt};
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::{HeaderName, HeaderValue, Response};
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tokio_tungstenite::{client_async, MaybeTlsStream, WebSocketStream};
+
+pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Polls `f` every 20 ms until it returns `Some`, for at most `limit`.
+pub async fn eventually<T, F, Fut>(limit: Duration, what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(
+            start.elapsed() < limit,
+            "timed out after {limit:?} waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A wsgate child process with its own config, pid file and upgrade socket.
+pub struct Wsgate {
+    child: Child,
+    pub dir: tempfile::TempDir,
+    pub config_path: PathBuf,
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    pub log_path: PathBuf,
+}
+
+impl Wsgate {
+    /// Starts wsgate with `routes_yaml` (the `routes:` list and any other
+    /// top-level keys) under a generated `listen`/`admin`/`server` header.
+    pub async fn start(body: &str) -> Wsgate {
+        for attempt in 0..5 {
+            match Self::try_start(body).await {
+                Ok(w) => return w,
+                Err(e) if attempt < 4 => {
+                    eprintln!("wsgate did not start ({e}); retrying with new ports")
+                }
+                Err(e) => panic!("wsgate did not start: {e}"),
+            }
+        }
+        unreachable!()
+    }
+
+    async fn try_start(body: &str) -> Result<Wsgate, String> {
+        let dir = tempfile::tempdir().unwrap();
+        let (port, admin_port) = (free_port(), free_port());
+        let config = format!(
+            "listen:\n  - address: 127.0.0.1:{port}\nadmin:\n  address: 127.0.0.1:{admin_port}\n\
+             server:\n  threads: 2\n  pid_file: {d}/wsgate.pid\n  upgrade_sock: {d}/upgrade.sock\n  grace_period: 1s\n{body}",
+            d = dir.path().display()
+        );
+        let config_path = dir.path().join("wsgate.yaml");
+        std::fs::write(&config_path, config).unwrap();
+        let log_path = dir.path().join("wsgate.log");
+        let log = std::fs::File::create(&log_path).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_wsgate"))
+            .arg("--config")
+            .arg(&config_path)
+            .env(
+                "WSGATE_LOG",
+                std::env::var("TEST_WSGATE_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut w = Wsgate {
+            child,
+            dir,
+            config_path,
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            admin: SocketAddr::from(([127, 0, 0, 1], admin_port)),
+            log_path,
+        };
+
+        let start = Instant::now();
+        loop {
+            if let Some(status) = w.child.try_wait().unwrap() {
+                return Err(format!("exited with {status}: {}", w.log()));
+            }
+            let proxy_up = TcpStream::connect(w.addr).await.is_ok();
+            if proxy_up && w.get_admin("/healthz").await.is_some_and(|(s, _)| s == 200) {
+                return Ok(w);
+            }
+            if start.elapsed() > Duration::from_secs(20) {
+                return Err(format!("not ready after 20 s: {}", w.log()));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.pid().to_string())
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    }
+
+    /// Waits for the process to exit, for at most `limit`.
+    pub async fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                start.elapsed() < limit,
+                "wsgate still running after {limit:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("ws://{}{path}", self.addr)
+    }
+
+    pub async fn get_admin(&self, path: &str) -> Option<(u16, String)> {
+        http_get(self.admin, path, &[]).await
+    }
+
+    /// The metrics text.
+    pub async fn metrics(&self) -> Metrics {
+        let (status, body) = self.get_admin("/metrics").await.expect("metrics answer");
+        assert_eq!(status, 200);
+        Metrics::parse(&body)
+    }
+
+    pub async fn status(&self) -> serde_json::Value {
+        let (_, body) = self.get_admin("/status").await.expect("status answers");
+        serde_json::from_str(&body).unwrap()
+    }
+
+    /// Waits until `wsgate_streams_active{route}` equals `n`.
+    pub async fn wait_active(&self, route: &str, n: i64) {
+        let what = format!("wsgate_streams_active{{route={route}}} == {n}");
+        eventually(Duration::from_secs(10), &what, || async {
+            (self
+                .metrics()
+                .await
+                .get("wsgate_streams_active", &[("route", route)])
+                == n as f64)
+                .then_some(())
+        })
+        .await
+    }
+}
+
+impl Drop for Wsgate {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Parsed Prometheus text: `name{labels}` to value.
+pub struct Metrics(pub Vec<(String, HashMap<String, String>, f64)>);
+
+impl Metrics {
+    pub fn parse(text: &str) -> Metrics {
+        let mut out = Vec::new();
+        for line in text
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+        {
+            let (series, value) = line.rsplit_once(' ').unwrap();
+            let (name, labels) = match series.split_once('{') {
+                Some((n, rest)) => (n, rest.trim_end_matches('}')),
+                None => (series, ""),
+            };
+            let labels = labels
+                .split(',')
+                .filter(|l| !l.is_empty())
+                .map(|kv| {
+                    let (k, v) = kv.split_once('=').unwrap();
+                    (k.to_string(), v.trim_matches('"').to_string())
+                })
+                .collect();
+            out.push((name.to_string(), labels, value.parse().unwrap()));
+        }
+        Metrics(out)
+    }
+
+    /// The sum over every series of `name` whose labels include `want`.
+    pub fn get(&self, name: &str, want: &[(&str, &str)]) -> f64 {
+        self.0
+            .iter()
+            .filter(|(n, labels, _)| {
+                n == name
+                    && want
+                        .iter()
+                        .all(|(k, v)| labels.get(*k).is_some_and(|l| l == v))
+            })
+            .map(|(_, _, v)| v)
+            .sum()
+    }
+
+    pub fn names(&self) -> Vec<&str> {
+        self.0.iter().map(|(n, _, _)| n.as_str()).collect()
+    }
+}
+
+/// A minimal HTTP/1.1 GET; `None` if the server cannot be reached.
+pub async fn http_get(
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect(addr).await.ok()?;
+    let mut req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).await.ok()?;
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf))
+        .await
+        .ok()?
+        .ok()?;
+    let text = String::from_utf8_lossy(&buf).to_string();
+    let status = text.split(' ').nth(1)?.parse().ok()?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Some((status, body))
+}
+
+/// A WebSocket client's attempt: either an open socket or the refusal.
+pub enum Attempt {
+    Open(Box<Ws>),
+    Refused {
+        status: u16,
+        headers: HashMap<String, String>,
+        body: String,
+    },
+}
+
+impl Attempt {
+    pub fn status(&self) -> u16 {
+        match self {
+            Attempt::Open(_) => 101,
+            Attempt::Refused { status, .. } => *status,
+        }
+    }
+
+    pub fn into_open(self) -> Ws {
+        match self {
+            Attempt::Open(ws) => *ws,
+            Attempt::Refused { status, body, .. } => panic!("expected 101, got {status}: {body}"),
+        }
+    }
+}
+
+/// Opens a WebSocket to `url` from source address `from` (any 127.x.y.z),
+/// with extra request headers.
+pub async fn connect_from(from: IpAddr, url: &str, headers: &[(&str, &str)]) -> Attempt {
+    let mut request = url.into_client_request().unwrap();
+    for (k, v) in headers {
+        request.headers_mut().append(
+            HeaderName::from_bytes(k.as_bytes()).unwrap(),
+            HeaderValue::from_str(v).unwrap(),
+        );
+    }
+    let host = request.uri().host().unwrap().to_string();
+    let port = request.uri().port_u16().unwrap();
+    let target: SocketAddr = format!("{host}:{port}").parse().unwrap();
+
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.bind(SocketAddr::new(from, 0)).unwrap();
+    let stream = socket.connect(target).await.expect("connect to wsgate");
+    match client_async(request, MaybeTlsStream::Plain(stream)).await {
+        Ok((ws, _)) => Attempt::Open(Box::new(ws)),
+        Err(WsError::Http(resp)) => refused(resp),
+        Err(e) => panic!("handshake failed: {e}"),
+    }
+}
+
+fn refused(resp: Response<Option<Vec<u8>>>) -> Attempt {
+    let headers = resp
+        .headers()
+        .iter()
+        .map(|(k, v)| (k.as_str().to_string(), v.to_str().unwrap_or("").to_string()))
+        .collect();
+    Attempt::Refused {
+        status: resp.status().as_u16(),
+        headers,
+        body: String::from_utf8_lossy(resp.body().as_deref().unwrap_or_default()).to_string(),
+    }
+}
+
+pub async fn connect(url: &str) -> Attempt {
+    connect_from("127.0.0.1".parse().unwrap(), url, &[]).await
+}
+
+/// Sends a text message and waits for its echo.
+pub async fn echo(ws: &mut Ws, text: &str) {
+    ws.send(Message::text(text)).await.expect("send");
+    let reply = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Text(t))) => return t.to_string(),
+                Some(Ok(_)) => continue,
+                other => panic!("no echo: {other:?}"),
+            }
+        }
+    })
+    .await
+    .expect("echo within 10 s");
+    assert_eq!(reply, text);
+}
+
+/// Waits for the server side to end the socket (close frame, EOF or error).
+pub async fn closed_by_peer(ws: &mut Ws, limit: Duration) {
+    tokio::time::timeout(limit, async {
+        loop {
+            match ws.next().await {
+                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return,
+                Some(Ok(_)) => continue,
+            }
+        }
+    })
+    .await
+    .expect("stream closed by the gateway in time");
+}
+
+/// A YAML `upstream:` block for a plain upstream at `addr`.
+pub fn upstream_yaml(addr: SocketAddr) -> String {
+    format!("    upstream:\n      url: http://{addr}\n")
+}

@@ -1,0 +1,187 @@
+//! A scriptable upstream on a loopback port. It counts every TCP accept and
+//! every live upgraded socket, and behaves by request path:
+//!
+//! - `/status/{code}`: answers `code` with a short body (no upgrade);
+//! - `/close`: closes the connection without answering;
+//! - `/stall`: reads the request and never answers;
+//! - anything else with `Upgrade: websocket`: 101, then echoes every message;
+//!   the text `close-me` makes it close the socket, `reset-me` reset it;
+//! - anything else: 200 `plain`.
+
+use futures_util::{SinkExt, StreamExt};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::AbortHandle;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::Role;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+
+#[derive(Default)]
+pub struct Counters {
+    pub accepts: AtomicUsize,
+    pub upgrades: AtomicUsize,
+    pub open: AtomicI64,
+    /// Every request head received, in order.
+    pub heads: Mutex<Vec<String>>,
+}
+
+pub struct Upstream {
+    pub addr: SocketAddr,
+    pub counters: Arc<Counters>,
+    tasks: Arc<Mutex<Vec<AbortHandle>>>,
+}
+
+impl Upstream {
+    pub async fn start() -> Upstream {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let counters = Arc::new(Counters::default());
+        let tasks: Arc<Mutex<Vec<AbortHandle>>> = Arc::default();
+
+        let (c, t) = (counters.clone(), tasks.clone());
+        let accept = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                c.accepts.fetch_add(1, Ordering::SeqCst);
+                let conn = tokio::spawn(serve(stream, c.clone()));
+                t.lock().unwrap().push(conn.abort_handle());
+            }
+        });
+        tasks.lock().unwrap().push(accept.abort_handle());
+        Upstream {
+            addr,
+            counters,
+            tasks,
+        }
+    }
+
+    pub fn accepts(&self) -> usize {
+        self.counters.accepts.load(Ordering::SeqCst)
+    }
+
+    pub fn open(&self) -> i64 {
+        self.counters.open.load(Ordering::SeqCst)
+    }
+
+    pub fn upgrades(&self) -> usize {
+        self.counters.upgrades.load(Ordering::SeqCst)
+    }
+
+    pub fn heads(&self) -> Vec<String> {
+        self.counters.heads.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        for t in self.tasks.lock().unwrap().drain(..) {
+            t.abort();
+        }
+    }
+}
+
+/// Decrements the open count when the upgraded socket's task ends, however.
+struct OpenGuard(Arc<Counters>);
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+async fn serve(mut stream: TcpStream, counters: Arc<Counters>) {
+    loop {
+        let Some(head) = read_head(&mut stream).await else {
+            return;
+        };
+        counters.heads.lock().unwrap().push(head.clone());
+        let path = head.split(' ').nth(1).unwrap_or("/").to_string();
+        let lower = head.to_ascii_lowercase();
+        let key = lower
+            .lines()
+            .find_map(|l| l.strip_prefix("sec-websocket-key:"))
+            .map(|k| {
+                // Recover the original case of the key from the raw head.
+                let start = lower.find(k).unwrap();
+                head[start..start + k.len()].trim().to_string()
+            });
+
+        if let Some(code) = path.strip_prefix("/status/") {
+            let code: u16 = code.parse().unwrap_or(500);
+            let resp = format!(
+                "HTTP/1.1 {code} Test\r\ncontent-length: 6\r\nconnection: close\r\n\r\nstatus"
+            );
+            let _ = stream.write_all(resp.as_bytes()).await;
+            return;
+        }
+        if path.starts_with("/close") {
+            return;
+        }
+        if path.starts_with("/stall") {
+            std::future::pending::<()>().await;
+        }
+        let upgrade = lower
+            .lines()
+            .any(|l| l.starts_with("upgrade:") && l.contains("websocket"));
+        if upgrade {
+            let accept = derive_accept_key(key.unwrap_or_default().as_bytes());
+            let resp = format!(
+                "HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\nsec-websocket-accept: {accept}\r\n\r\n"
+            );
+            if stream.write_all(resp.as_bytes()).await.is_err() {
+                return;
+            }
+            counters.upgrades.fetch_add(1, Ordering::SeqCst);
+            counters.open.fetch_add(1, Ordering::SeqCst);
+            let _guard = OpenGuard(counters.clone());
+            echo(stream).await;
+            return;
+        }
+        let resp = "HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nplain";
+        if stream.write_all(resp.as_bytes()).await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn echo(stream: TcpStream) {
+    let mut ws = WebSocketStream::from_raw_socket(stream, Role::Server, None).await;
+    while let Some(Ok(msg)) = ws.next().await {
+        match msg {
+            Message::Text(t) if t.as_str() == "close-me" => {
+                let _ = ws.close(None).await;
+                return;
+            }
+            Message::Text(t) if t.as_str() == "reset-me" => {
+                let stream = ws.get_ref();
+                let _ = socket2::SockRef::from(stream).set_linger(Some(std::time::Duration::ZERO));
+                return;
+            }
+            Message::Text(_) | Message::Binary(_) if ws.send(msg).await.is_err() => return,
+            Message::Close(_) => return,
+            _ => {}
+        }
+    }
+}
+
+/// Reads one request head (through the blank line); `None` at EOF.
+async fn read_head(stream: &mut TcpStream) -> Option<String> {
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 1];
+    while !buf.ends_with(b"\r\n\r\n") {
+        if stream.read(&mut byte).await.ok()? == 0 {
+            return None;
+        }
+        buf.push(byte[0]);
+        if buf.len() > 64 * 1024 {
+            return None;
+        }
+    }
+    Some(String::from_utf8_lossy(&buf).to_string())
+}
