@@ -163,7 +163,12 @@ async fn echo(stream: TcpStream) {
                 let _ = socket2::SockRef::from(stream).set_linger(Some(std::time::Duration::ZERO));
                 return;
             }
-            Message::Text(_) | Message::Binary(_) if ws.send(msg).await.is_err() => return,
+            Message::Text(_) | Message::Binary(_) => {
+                if let Err(e) = ws.send(msg).await {
+                    eprintln!("test upstream: echo failed: {e}");
+                    return;
+                }
+            }
             Message::Close(_) => return,
             _ => {}
         }
