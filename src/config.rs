@@ -435,7 +435,7 @@ fn split_serde_message(e: &serde_yaml::Error) -> (String, String) {
     };
     match text.split_once(": ") {
         Some((path, msg)) if !path.contains(' ') => (path.to_string(), msg.to_string()),
-        _ => ("(file)".to_string(), text.to_string()),
+        _ => ("(top level)".to_string(), text.to_string()),
     }
 }
 

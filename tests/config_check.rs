@@ -1,0 +1,160 @@
+//! `wsgate check` and startup on bad config files: each problem is one line
+//! naming file, line (and column where serde knows it), field and what is
+//! wrong; the exit status is 1; wsgate refuses to start on the same file.
+//! Every shipped example in `conf/` passes.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+const GOOD: &str = "\
+listen:
+  - address: 127.0.0.1:18080
+routes:
+  - name: rooms
+    path: /room/{room}/ws
+    key: room
+    upstream:
+      url: http://127.0.0.1:8787
+    limits:
+      per_key: 100
+      per_client: 10
+    idle_timeout: 5m
+";
+
+fn wsgate(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_wsgate")).args(args).output().unwrap()
+}
+
+fn check(src: &str) -> (i32, String, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.yaml");
+    std::fs::write(&path, src).unwrap();
+    let out = wsgate(&["check", "--config", path.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr).replace(path.to_str().unwrap(), "bad.yaml");
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).to_string(), stderr)
+}
+
+#[test]
+fn the_good_file_passes() {
+    let (code, stdout, stderr) = check(GOOD);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("ok, 1 route(s)"), "{stdout}");
+}
+
+#[test]
+fn each_bad_file_gives_its_one_line_and_exit_1() {
+    let cases: &[(&str, &str, &str, &str)] = &[
+        (
+            "unknown key",
+            "      per_client: 10\n",
+            "      per_client: 10\n      per_clients: 3\n",
+            "bad.yaml:12:7: routes[0].limits: unknown field `per_clients`",
+        ),
+        (
+            "wrong type",
+            "per_key: 100",
+            "per_key: many",
+            "bad.yaml:10:16: routes[0].limits.per_key: invalid type: string \"many\", expected u32",
+        ),
+        (
+            "bad CIDR",
+            "routes:\n",
+            "client_ip:\n  header: CF-Connecting-IP\n  trusted_proxies: [173.245.48.0/33]\nroutes:\n",
+            "bad.yaml:5:21: client_ip.trusted_proxies[0]: invalid CIDR `173.245.48.0/33`",
+        ),
+        (
+            "bad duration",
+            "idle_timeout: 5m",
+            "idle_timeout: soon",
+            "bad.yaml:12:19: routes[0].idle_timeout: invalid duration `soon`",
+        ),
+        (
+            "duplicate route name",
+            "    idle_timeout: 5m\n",
+            "    idle_timeout: 5m\n  - name: rooms\n    prefix: /\n    upstream:\n      url: http://127.0.0.1:1\n",
+            "bad.yaml:13: routes[1].name: route name `rooms` is used twice",
+        ),
+        (
+            "pattern with an unknown segment",
+            "key: room",
+            "key: channel",
+            "bad.yaml:6: routes[0].key: `channel` is not a `{segment}` of the route's path",
+        ),
+        (
+            "unknown top-level key",
+            "routes:\n",
+            "rotues: []\nroutes:\n",
+            "bad.yaml:3:1: (top level): unknown field `rotues`",
+        ),
+        (
+            "not YAML",
+            "    key: room\n",
+            "    key: room\n   bad indent: [\n",
+            "bad.yaml:",
+        ),
+    ];
+    for (what, from, to, want) in cases {
+        assert!(GOOD.contains(from), "{what}: fixture text not found");
+        let src = GOOD.replacen(from, to, 1);
+        let (code, _, stderr) = check(&src);
+        assert_eq!(code, 1, "{what}: exit status\n{stderr}");
+        let lines: Vec<&str> = stderr.lines().collect();
+        assert_eq!(lines.len(), 1, "{what}: want one line, got {stderr:?}");
+        assert!(lines[0].starts_with(want), "{what}: got {:?}, want prefix {want:?}", lines[0]);
+    }
+}
+
+#[test]
+fn every_semantic_problem_is_listed_at_once() {
+    let src = GOOD
+        .replace("key: room", "key: channel")
+        .replace("http://127.0.0.1:8787", "ftp://127.0.0.1")
+        .replace("per_client: 10", "per_client: 0");
+    let (code, _, stderr) = check(&src);
+    assert_eq!(code, 1);
+    assert_eq!(stderr.lines().count(), 3, "{stderr}");
+    assert!(stderr.lines().all(|l| l.starts_with("bad.yaml:")), "{stderr}");
+}
+
+#[test]
+fn a_missing_file_is_one_clear_line() {
+    let out = wsgate(&["check", "--config", "/nonexistent/wsgate.yaml"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.trim(), "/nonexistent/wsgate.yaml: cannot read: No such file or directory (os error 2)");
+}
+
+#[test]
+fn wsgate_refuses_to_start_on_a_bad_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.yaml");
+    std::fs::write(&path, GOOD.replace("key: room", "key: channel")).unwrap();
+    let out = wsgate(&["--config", path.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("routes[0].key: `channel` is not a `{segment}`"), "{stderr}");
+}
+
+#[test]
+fn every_shipped_example_config_passes() {
+    let conf = Path::new(env!("CARGO_MANIFEST_DIR")).join("conf");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&conf).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "yaml") {
+            let out = wsgate(&["check", "--config", path.to_str().unwrap()]);
+            assert!(out.status.success(), "{}: {}", path.display(), String::from_utf8_lossy(&out.stderr));
+            checked += 1;
+        }
+    }
+    assert!(checked >= 2, "expected the demo and the deployment examples");
+}
+
+#[test]
+fn help_explains_both_commands() {
+    let out = wsgate(&["--help"]);
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(help.contains("--config") && help.contains("check"), "{help}");
+    let out = wsgate(&["check", "--help"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("Validate a config file"));
+}
