@@ -22,7 +22,10 @@ routes:
 ";
 
 fn wsgate(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_wsgate")).args(args).output().unwrap()
+    Command::new(env!("CARGO_BIN_EXE_wsgate"))
+        .args(args)
+        .output()
+        .unwrap()
 }
 
 fn check(src: &str) -> (i32, String, String) {
@@ -31,7 +34,11 @@ fn check(src: &str) -> (i32, String, String) {
     std::fs::write(&path, src).unwrap();
     let out = wsgate(&["check", "--config", path.to_str().unwrap()]);
     let stderr = String::from_utf8_lossy(&out.stderr).replace(path.to_str().unwrap(), "bad.yaml");
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).to_string(), stderr)
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        stderr,
+    )
 }
 
 #[test]
@@ -100,7 +107,11 @@ fn each_bad_file_gives_its_one_line_and_exit_1() {
         assert_eq!(code, 1, "{what}: exit status\n{stderr}");
         let lines: Vec<&str> = stderr.lines().collect();
         assert_eq!(lines.len(), 1, "{what}: want one line, got {stderr:?}");
-        assert!(lines[0].starts_with(want), "{what}: got {:?}, want prefix {want:?}", lines[0]);
+        assert!(
+            lines[0].starts_with(want),
+            "{what}: got {:?}, want prefix {want:?}",
+            lines[0]
+        );
     }
 }
 
@@ -113,7 +124,10 @@ fn every_semantic_problem_is_listed_at_once() {
     let (code, _, stderr) = check(&src);
     assert_eq!(code, 1);
     assert_eq!(stderr.lines().count(), 3, "{stderr}");
-    assert!(stderr.lines().all(|l| l.starts_with("bad.yaml:")), "{stderr}");
+    assert!(
+        stderr.lines().all(|l| l.starts_with("bad.yaml:")),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -121,7 +135,10 @@ fn a_missing_file_is_one_clear_line() {
     let out = wsgate(&["check", "--config", "/nonexistent/wsgate.yaml"]);
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(stderr.trim(), "/nonexistent/wsgate.yaml: cannot read: No such file or directory (os error 2)");
+    assert_eq!(
+        stderr.trim(),
+        "/nonexistent/wsgate.yaml: cannot read: No such file or directory (os error 2)"
+    );
 }
 
 #[test]
@@ -132,7 +149,10 @@ fn wsgate_refuses_to_start_on_a_bad_file() {
     let out = wsgate(&["--config", path.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("routes[0].key: `channel` is not a `{segment}`"), "{stderr}");
+    assert!(
+        stderr.contains("routes[0].key: `channel` is not a `{segment}`"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -143,18 +163,29 @@ fn every_shipped_example_config_passes() {
         let path = entry.unwrap().path();
         if path.extension().is_some_and(|e| e == "yaml") {
             let out = wsgate(&["check", "--config", path.to_str().unwrap()]);
-            assert!(out.status.success(), "{}: {}", path.display(), String::from_utf8_lossy(&out.stderr));
+            assert!(
+                out.status.success(),
+                "{}: {}",
+                path.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
             checked += 1;
         }
     }
-    assert!(checked >= 2, "expected the demo and the deployment examples");
+    assert!(
+        checked >= 2,
+        "expected the demo and the deployment examples"
+    );
 }
 
 #[test]
 fn help_explains_both_commands() {
     let out = wsgate(&["--help"]);
     let help = String::from_utf8_lossy(&out.stdout);
-    assert!(help.contains("--config") && help.contains("check"), "{help}");
+    assert!(
+        help.contains("--config") && help.contains("check"),
+        "{help}"
+    );
     let out = wsgate(&["check", "--help"]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("Validate a config file"));
 }

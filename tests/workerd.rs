@@ -35,7 +35,12 @@ impl Workerd {
             let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
             let mut child = Command::new(&bin)
                 .current_dir(&dir)
-                .args(["serve", "config.capnp", "--socket-addr", &format!("http={addr}")])
+                .args([
+                    "serve",
+                    "config.capnp",
+                    "--socket-addr",
+                    &format!("http={addr}"),
+                ])
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
@@ -46,7 +51,10 @@ impl Workerd {
                     if child.try_wait().unwrap().is_some() {
                         return false;
                     }
-                    if http_get(addr, "/health", &[]).await.is_some_and(|(s, _)| s == 200) {
+                    if http_get(addr, "/health", &[])
+                        .await
+                        .is_some_and(|(s, _)| s == 200)
+                    {
                         return true;
                     }
                     tokio::time::sleep(Duration::from_millis(20)).await;
@@ -78,7 +86,9 @@ struct ObjectStats {
 }
 
 async fn stats(gw: &Wsgate, path: &str) -> ObjectStats {
-    let (status, body) = http_get(gw.addr, path, &[]).await.expect("stats through wsgate");
+    let (status, body) = http_get(gw.addr, path, &[])
+        .await
+        .expect("stats through wsgate");
     assert_eq!(status, 200, "{path}: {body}");
     serde_json::from_str(&body).unwrap()
 }
@@ -123,7 +133,11 @@ async fn durable_objects_never_see_an_upgrade_over_the_limit() {
     for room in rooms {
         let url = gw.url(&format!("/room/{room}/ws"));
         let attempts = join_all((0..20).map(|i| connect_from(client(i), &url, &[]))).await;
-        assert_eq!(attempts.iter().filter(|a| a.status() == 101).count(), 6, "room {room}");
+        assert_eq!(
+            attempts.iter().filter(|a| a.status() == 101).count(),
+            6,
+            "room {room}"
+        );
         held_rooms.push(attempts);
     }
 
@@ -144,9 +158,11 @@ async fn durable_objects_never_see_an_upgrade_over_the_limit() {
     drop((registry, own, held_rooms));
     gw.wait_active("registry", 0).await;
     gw.wait_active("rooms", 0).await;
-    eventually(Duration::from_secs(10), "objects released every socket", || async {
-        (stats(&gw, "/stats/registry").await.sockets == 0).then_some(())
-    })
+    eventually(
+        Duration::from_secs(10),
+        "objects released every socket",
+        || async { (stats(&gw, "/stats/registry").await.sockets == 0).then_some(()) },
+    )
     .await;
 
     // Freed slots admit again, still within the object's limit.
@@ -157,8 +173,17 @@ async fn durable_objects_never_see_an_upgrade_over_the_limit() {
 
     let m = gw.metrics().await;
     assert_eq!(
-        m.get("wsgate_streams_rejected_total", &[("route", "registry"), ("dry_run", "false")]),
+        m.get(
+            "wsgate_streams_rejected_total",
+            &[("route", "registry"), ("dry_run", "false")]
+        ),
         (7 + 58 + 5) as f64
     );
-    assert_eq!(m.get("wsgate_streams_rejected_total", &[("route", "rooms"), ("scope", "key")]), 42.0);
+    assert_eq!(
+        m.get(
+            "wsgate_streams_rejected_total",
+            &[("route", "rooms"), ("scope", "key")]
+        ),
+        42.0
+    );
 }
