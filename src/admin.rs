@@ -54,7 +54,7 @@ impl Admin {
             .table
             .routes()
             .into_iter()
-            .filter(|(name, _)| !configured.contains(name))
+            .filter(|(name, slots)| !configured.contains(name) && slots.live() > 0)
             .map(|(name, slots)| json!({"name": name.as_ref(), "live": slots.live()}))
             .collect();
 

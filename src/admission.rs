@@ -15,6 +15,10 @@ use std::hash::{BuildHasher, Hash};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use crate::rate::{Rate, RateTable};
+use ipnet::IpNet;
 
 /// Number of lock shards per keyed counter; a power of two.
 const SHARDS: usize = 16;
@@ -30,10 +34,18 @@ pub enum Scope {
     Client,
     /// Streams of one client across all routes.
     GlobalClient,
+    /// New upgrades per second of one client (a token bucket, not a count).
+    ClientRate,
 }
 
 impl Scope {
-    pub const ALL: [Scope; 4] = [Scope::Route, Scope::Key, Scope::Client, Scope::GlobalClient];
+    pub const ALL: [Scope; 5] = [
+        Scope::Route,
+        Scope::Key,
+        Scope::Client,
+        Scope::GlobalClient,
+        Scope::ClientRate,
+    ];
 
     /// The metric label and the word used in refusal bodies.
     pub fn as_str(self) -> &'static str {
@@ -42,6 +54,7 @@ impl Scope {
             Scope::Key => "key",
             Scope::Client => "client",
             Scope::GlobalClient => "global_client",
+            Scope::ClientRate => "client_rate",
         }
     }
 }
@@ -52,6 +65,39 @@ pub struct RouteLimits {
     pub total: Option<u32>,
     pub per_key: Option<u32>,
     pub per_client: Option<u32>,
+}
+
+/// Limits that differ for some clients (by CIDR) or some route keys (by
+/// value), e.g. an office NAT allowed 200 streams, or one big room 500.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Overrides {
+    /// Most specific (longest prefix) first, so the first match wins.
+    clients: Vec<(IpNet, u32)>,
+    keys: HashMap<Box<str>, u32>,
+}
+
+impl Overrides {
+    pub fn new(mut clients: Vec<(IpNet, u32)>, keys: HashMap<Box<str>, u32>) -> Self {
+        clients.sort_by_key(|(net, _)| std::cmp::Reverse(net.prefix_len()));
+        Self { clients, keys }
+    }
+
+    /// The per-client limit for `client`, from the most specific CIDR that
+    /// contains it.
+    pub fn per_client(&self, client: IpAddr) -> Option<u32> {
+        self.clients
+            .iter()
+            .find(|(net, _)| net.contains(&client))
+            .map(|(_, n)| *n)
+    }
+
+    pub fn per_key(&self, key: &str) -> Option<u32> {
+        self.keys.get(key).copied()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.clients.is_empty() && self.keys.is_empty()
+    }
 }
 
 /// Everything admission needs to know about one upgrade request.
@@ -66,6 +112,9 @@ pub struct Ask<'a> {
     pub client: IpAddr,
     /// Exempt clients skip the per-client scopes, never the route or key.
     pub client_exempt: bool,
+    /// New upgrades per client on this route, and across all routes.
+    pub rate: Option<Rate>,
+    pub global_rate: Option<Rate>,
     /// Count and report, never refuse.
     pub dry_run: bool,
 }
@@ -200,6 +249,7 @@ pub struct RouteSlots {
     live: AtomicU32,
     keys: KeyedCounter<Box<str>>,
     clients: KeyedCounter<IpAddr>,
+    rate: RateTable,
 }
 
 impl RouteSlots {
@@ -214,6 +264,10 @@ impl RouteSlots {
 
     pub fn clients(&self) -> &KeyedCounter<IpAddr> {
         &self.clients
+    }
+
+    pub fn rate(&self) -> &RateTable {
+        &self.rate
     }
 
     /// Takes a route slot: a compare-and-swap loop, so the limit is exact
@@ -245,6 +299,7 @@ impl RouteSlots {
 pub struct AdmissionTable {
     routes: Mutex<HashMap<Arc<str>, Arc<RouteSlots>>>,
     global_clients: Arc<KeyedCounter<IpAddr>>,
+    global_rate: RateTable,
 }
 
 impl AdmissionTable {
@@ -283,8 +338,23 @@ impl AdmissionTable {
         &self.global_clients
     }
 
+    pub fn global_rate(&self) -> &RateTable {
+        &self.global_rate
+    }
+
+    /// Forgets rate buckets that have refilled; call every few seconds.
+    pub fn sweep(&self) {
+        let now = Instant::now();
+        self.global_rate.sweep(now);
+        for (_, slots) in self.routes() {
+            slots.rate.sweep(now);
+        }
+    }
+
     /// Takes a slot in every scope that applies to `ask`, or in none.
     ///
+    /// The upgrade rate is checked first: an attempt spends a token whether
+    /// or not a slot is free, since a reconnect storm is made of attempts.
     /// Scopes are taken from the narrowest (one client) to the widest (the
     /// route), and rolled back in reverse when one is full. Narrow first means a
     /// refused client briefly holds only its own slots, not a route slot that a
@@ -298,6 +368,12 @@ impl AdmissionTable {
             total: false,
         };
         let mut would_refuse = None;
+        if !ask.client_exempt && !self.within_rate(route, ask) {
+            if !ask.dry_run {
+                return Admission::Refused(Scope::ClientRate);
+            }
+            would_refuse = Some(Scope::ClientRate);
+        }
         let mut note = |taken: Taken, scope: Scope| match taken {
             Taken::Yes => true,
             Taken::OverLimit => {
@@ -345,6 +421,21 @@ impl AdmissionTable {
     }
 }
 
+impl AdmissionTable {
+    /// Spends one token of the client's global and route buckets; `false`
+    /// at the first empty one.
+    fn within_rate(&self, route: &RouteSlots, ask: &Ask<'_>) -> bool {
+        let now = Instant::now();
+        let buckets = [
+            (ask.global_rate, &self.global_rate),
+            (ask.rate, &route.rate),
+        ];
+        buckets
+            .into_iter()
+            .all(|(rate, table)| rate.is_none_or(|rate| table.take(ask.client, rate, now)))
+    }
+}
+
 /// One admitted stream's slots. Dropping it gives every slot back, once.
 #[derive(Debug)]
 pub struct Permit {
@@ -385,6 +476,8 @@ mod tests {
             key,
             client: IpAddr::V4(Ipv4Addr::new(192, 0, 2, client)),
             client_exempt: false,
+            rate: None,
+            global_rate: None,
             dry_run: false,
         }
     }
@@ -528,6 +621,66 @@ mod tests {
         drop(permit);
         table.retain_routes(&[]);
         assert!(table.routes().is_empty());
+    }
+
+    #[test]
+    fn the_most_specific_override_wins() {
+        let o = Overrides::new(
+            vec![
+                ("10.0.0.0/8".parse().unwrap(), 50),
+                ("10.1.2.0/24".parse().unwrap(), 200),
+                ("10.1.0.0/16".parse().unwrap(), 100),
+            ],
+            HashMap::from([("big".into(), 500)]),
+        );
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(o.per_client(ip("10.1.2.3")), Some(200));
+        assert_eq!(o.per_client(ip("10.1.9.9")), Some(100));
+        assert_eq!(o.per_client(ip("10.9.9.9")), Some(50));
+        assert_eq!(o.per_client(ip("192.0.2.1")), None);
+        assert_eq!(o.per_key("big"), Some(500));
+        assert_eq!(o.per_key("bigger"), None);
+    }
+
+    #[test]
+    fn the_upgrade_rate_refuses_before_any_slot_is_taken() {
+        let table = AdmissionTable::new();
+        let route = table.route("r");
+        let mut a = ask(
+            RouteLimits {
+                total: Some(100),
+                ..Default::default()
+            },
+            None,
+            1,
+        );
+        a.rate = Some(Rate {
+            per_second: 0.001,
+            burst: 2,
+        });
+        let _p = admitted(table.admit(&route, &a));
+        let _q = admitted(table.admit(&route, &a));
+        assert_eq!(refused(table.admit(&route, &a)), Scope::ClientRate);
+        assert_eq!(route.live(), 2);
+
+        // Another client has its own bucket; exempt clients have none.
+        assert!(matches!(
+            table.admit(&route, &ask(a.limits, None, 2)),
+            Admission::Admitted { .. }
+        ));
+        a.client_exempt = true;
+        let _r = admitted(table.admit(&route, &a));
+
+        a.client_exempt = false;
+        a.dry_run = true;
+        let dry = table.admit(&route, &a);
+        assert!(matches!(
+            dry,
+            Admission::Admitted {
+                would_refuse: Some(Scope::ClientRate),
+                ..
+            }
+        ));
     }
 
     #[test]

@@ -7,13 +7,14 @@
 //! Type errors come from serde with their exact position and stop parsing;
 //! semantic checks run after it and all of their problems are reported at once.
 
-use crate::admission::RouteLimits;
+use crate::admission::{Overrides, RouteLimits};
 use crate::client::{ClientPolicy, ForwardHeader};
+use crate::rate::Rate;
 use crate::route::{Matcher, PathMatch, Pattern, Router};
 use http::StatusCode;
 use ipnet::IpNet;
 use serde::{Deserialize, Deserializer};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -247,6 +248,29 @@ struct ClientIpFile {
 #[serde(deny_unknown_fields)]
 struct GlobalLimitsFile {
     per_client: Option<u32>,
+    #[serde(default)]
+    overrides: Vec<OverrideFile>,
+    rate: Option<RateFile>,
+}
+
+/// One override: a client CIDR with its own `per_client`, or a route key
+/// value with its own `per_key`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OverrideFile {
+    client: Option<Cidr>,
+    key: Option<String>,
+    per_client: Option<u32>,
+    per_key: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RateFile {
+    /// New upgrades per second per client, on average.
+    per_second: f64,
+    /// How many may come at once.
+    burst: Option<u32>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -266,6 +290,9 @@ struct RouteFile {
     upstream: UpstreamFile,
     #[serde(default)]
     limits: LimitsFile,
+    #[serde(default)]
+    overrides: Vec<OverrideFile>,
+    rate: Option<RateFile>,
     #[serde(default)]
     reject: RejectFile,
     #[serde(default)]
@@ -289,6 +316,7 @@ struct LimitsFile {
 struct RejectFile {
     status: Option<u16>,
     retry_after: Option<Dur>,
+    retry_after_jitter: Option<Dur>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -319,8 +347,10 @@ pub struct Config {
     pub admin: SocketAddr,
     pub server: ServerSettings,
     pub client: ClientPolicy,
-    /// Limit per client across all routes.
+    /// Limit per client across all routes, its overrides and upgrade rate.
     pub global_per_client: Option<u32>,
+    pub global_overrides: Overrides,
+    pub global_rate: Option<Rate>,
     pub rejections_per_second: u32,
     pub routes: Vec<Arc<Route>>,
     pub router: Router,
@@ -354,9 +384,13 @@ pub struct Keepalive {
 pub struct Route {
     pub name: Arc<str>,
     pub limits: RouteLimits,
+    pub overrides: Overrides,
+    pub rate: Option<Rate>,
     pub upstream: Upstream,
     pub reject_status: StatusCode,
     pub retry_after: Duration,
+    /// A random extra delay up to this, so refused clients spread out.
+    pub retry_after_jitter: Duration,
     pub idle_timeout: Option<Duration>,
     pub max_lifetime: Option<Duration>,
     pub dry_run: bool,
@@ -428,15 +462,26 @@ pub fn parse(path: &Path, src: &str) -> Result<Config, ConfigError> {
 /// serde_yaml renders `path: message at line L column C`; the location is
 /// reported separately, so split the rest into field path and message.
 fn split_serde_message(e: &serde_yaml::Error) -> (String, String) {
-    let text = e.to_string();
-    let text = match text.rfind(" at line ") {
-        Some(i) => &text[..i],
-        None => &text,
-    };
+    let text = strip_location(&e.to_string());
     match text.split_once(": ") {
         Some((path, msg)) if !path.contains(' ') => (path.to_string(), msg.to_string()),
-        _ => ("(top level)".to_string(), text.to_string()),
+        _ => ("(top level)".to_string(), text),
     }
+}
+
+/// Removes the ` at line L column C` serde_yaml puts in its messages.
+fn strip_location(text: &str) -> String {
+    let Some(start) = text.find(" at line ") else {
+        return text.to_string();
+    };
+    let rest = &text[start + " at line ".len()..];
+    let digits = |s: &str| s.len() - s.trim_start_matches(|c: char| c.is_ascii_digit()).len();
+    let line_len = digits(rest);
+    let Some(after) = rest[line_len..].strip_prefix(" column ") else {
+        return text.to_string();
+    };
+    let tail = &after[digits(after)..];
+    format!("{}{tail}", &text[..start])
 }
 
 struct Checker<'a> {
@@ -494,6 +539,8 @@ impl Checker<'_> {
         let server = self.server(raw.server);
         let client = self.client_ip(raw.client_ip);
         let (routes, router) = self.routes(raw.routes);
+        let global_overrides = self.overrides("limits", raw.limits.overrides, false);
+        let global_rate = self.rate("limits.rate", raw.limits.rate);
 
         if raw.limits.per_client == Some(0) || raw.log.rejections_per_second == Some(0) {
             let field = if raw.limits.per_client == Some(0) {
@@ -515,6 +562,8 @@ impl Checker<'_> {
             server,
             client: client?,
             global_per_client: raw.limits.per_client,
+            global_overrides,
+            global_rate,
             rejections_per_second: raw.log.rejections_per_second.unwrap_or(20),
             routes,
             router,
@@ -546,15 +595,16 @@ impl Checker<'_> {
                 self.problem(line, field, format!("`{}` is listed twice", l.address));
             }
             if let Some(tls) = &l.tls {
-                for (name, p) in [("cert", &tls.cert), ("key", &tls.key)] {
-                    if !p.is_file() {
-                        let line = self.line_of(name, &p.display().to_string(), 0);
-                        self.problem(
-                            line,
-                            format!("listen[{i}].tls.{name}"),
-                            format!("no file at `{}`", p.display()),
-                        );
-                    }
+                // Pingora panics at startup on files it cannot use, so the
+                // contents are checked here, not only that the files exist.
+                if let Err((field, e)) = crate::pem::check_listener(&tls.cert, &tls.key) {
+                    let path = match field {
+                        crate::pem::Field::Cert => &tls.cert,
+                        crate::pem::Field::Key => &tls.key,
+                    };
+                    let name = field.as_str();
+                    let line = self.line_of(name, &path.display().to_string(), 0);
+                    self.problem(line, format!("listen[{i}].tls.{name}"), e.to_string());
                 }
             }
             out.push(Listener {
@@ -768,6 +818,8 @@ impl Checker<'_> {
             }
         };
 
+        let overrides = self.overrides(&format!("routes[{i}]"), r.overrides, r.key.is_some());
+        let rate = self.rate(&at("rate"), r.rate);
         let upstream = self.upstream(&at("upstream"), r.upstream);
         let host = r.host.map(|h| h.trim_end_matches('.').to_ascii_lowercase());
 
@@ -778,9 +830,12 @@ impl Checker<'_> {
                 per_key: r.limits.per_key,
                 per_client: r.limits.per_client,
             },
+            overrides,
+            rate,
             upstream: upstream?,
             reject_status: reject_status?,
             retry_after: r.reject.retry_after.map_or(DEFAULT_RETRY_AFTER, |d| d.0),
+            retry_after_jitter: r.reject.retry_after_jitter.map_or(Duration::ZERO, |d| d.0),
             idle_timeout: r.idle_timeout.0,
             max_lifetime: r.max_lifetime.0,
             dry_run: r.dry_run,
@@ -791,6 +846,66 @@ impl Checker<'_> {
             key,
         };
         Some((route, matcher))
+    }
+
+    /// Checks `overrides` under `at` (e.g. `routes[1]`); key overrides are
+    /// allowed only where the route names a key.
+    fn overrides(&mut self, at: &str, list: Vec<OverrideFile>, keyed: bool) -> Overrides {
+        let mut clients: Vec<(IpNet, u32)> = Vec::new();
+        let mut keys: HashMap<Box<str>, u32> = HashMap::new();
+        for (i, o) in list.into_iter().enumerate() {
+            let field = format!("{at}.overrides[{i}]");
+            match (o.client, o.key, o.per_client, o.per_key) {
+                (Some(net), None, Some(n), None) if n > 0 => {
+                    if clients.iter().any(|(c, _)| *c == net.0) {
+                        self.problem(None, field, format!("client {} is overridden twice", net.0));
+                    }
+                    clients.push((net.0, n));
+                }
+                (None, Some(key), None, Some(n)) if n > 0 && keyed => {
+                    if keys.insert(key.as_str().into(), n).is_some() {
+                        let line = self.line_of("key", &key, 0);
+                        self.problem(line, field, format!("key `{key}` is overridden twice"));
+                    }
+                }
+                (None, Some(_), None, Some(_)) if !keyed => {
+                    let what = if at == "limits" {
+                        "global limits have no key"
+                    } else {
+                        "the route has no `key`"
+                    };
+                    self.problem(
+                        None,
+                        field,
+                        format!("a key override needs a keyed route: {what}"),
+                    );
+                }
+                _ => self.problem(
+                    None,
+                    field,
+                    "give `client` with `per_client`, or `key` with `per_key` (at least 1)",
+                ),
+            }
+        }
+        Overrides::new(clients, keys)
+    }
+
+    fn rate(&mut self, at: &str, raw: Option<RateFile>) -> Option<Rate> {
+        let raw = raw?;
+        if !(raw.per_second.is_finite() && raw.per_second > 0.0) {
+            self.problem(None, format!("{at}.per_second"), "must be a number above 0");
+            return None;
+        }
+        if raw.burst == Some(0) {
+            self.problem(None, format!("{at}.burst"), "must be at least 1");
+            return None;
+        }
+        Some(Rate {
+            per_second: raw.per_second,
+            burst: raw
+                .burst
+                .unwrap_or_else(|| raw.per_second.ceil().max(1.0) as u32),
+        })
     }
 
     fn upstream(&mut self, at: &str, u: UpstreamFile) -> Option<Upstream> {
@@ -833,13 +948,9 @@ impl Checker<'_> {
             );
         }
         if let Some(ca) = &u.ca_file {
-            if !ca.is_file() {
+            if let Err(e) = crate::pem::certificates(ca) {
                 let line = self.line_of("ca_file", &ca.display().to_string(), 0);
-                self.problem(
-                    line,
-                    format!("{at}.ca_file"),
-                    format!("no file at `{}`", ca.display()),
-                );
+                self.problem(line, format!("{at}.ca_file"), e.to_string());
             }
         }
         Some(Upstream {
@@ -978,6 +1089,37 @@ routes:
             .replace("total: 500", "total: 0");
         let got = errors(&src);
         assert_eq!(got.len(), 3, "{got:?}");
+    }
+
+    #[test]
+    fn overrides_and_rates() {
+        let src = GOOD.replace(
+            "    idle_timeout: 5m\n",
+            "    idle_timeout: 5m\n    overrides:\n      - client: 203.0.113.0/24\n        per_client: 200\n      - key: big\n        per_key: 500\n    rate:\n      per_second: 0.5\n",
+        );
+        let c = parse(Path::new("t.yaml"), &src).unwrap();
+        let r = &c.routes[0];
+        assert_eq!(
+            r.overrides.per_client("203.0.113.9".parse().unwrap()),
+            Some(200)
+        );
+        assert_eq!(r.overrides.per_key("big"), Some(500));
+        assert_eq!(
+            r.rate,
+            Some(Rate {
+                per_second: 0.5,
+                burst: 1
+            })
+        );
+
+        let bad = src.replace("per_key: 500", "per_client: 500");
+        let got = errors(&bad);
+        assert!(
+            got[0].contains("routes[0].overrides[1]: give `client`"),
+            "{got:?}"
+        );
+        let bad = src.replace("per_second: 0.5", "per_second: 0");
+        assert!(errors(&bad)[0].contains("routes[0].rate.per_second: must be a number above 0"));
     }
 
     #[test]

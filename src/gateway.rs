@@ -22,9 +22,14 @@ pub struct LiveRoute {
     pub admitted: IntCounter,
     pub duration: Histogram,
     /// Indexed by `[scope][dry_run]`.
-    rejected: [[IntCounter; 2]; 4],
+    rejected: [[IntCounter; 2]; Scope::ALL.len()],
     /// The upstream's own CA certificates, loaded once per config.
     pub ca: Option<Arc<[WrappedX509]>>,
+    /// Pingora's upstream pool keys a connection by address, SNI and verify
+    /// flags but not by CA, so one verified against another route's CA (or
+    /// a replaced file's) could be reused here; this group keeps them apart.
+    /// 0 without a CA of its own.
+    pub ca_group: u64,
 }
 
 impl LiveRoute {
@@ -95,6 +100,22 @@ impl Gateway {
     }
 }
 
+impl Gateway {
+    /// Periodic upkeep: forgets refilled rate buckets, and the counts of
+    /// removed routes once their last stream has ended.
+    pub fn sweep(&self) {
+        self.table.sweep();
+        let snapshot = self.snapshot();
+        let names: Vec<&str> = snapshot
+            .config
+            .routes
+            .iter()
+            .map(|r| r.name.as_ref())
+            .collect();
+        self.table.retain_routes(&names);
+    }
+}
+
 fn build(
     config: &Config,
     table: &AdmissionTable,
@@ -124,6 +145,7 @@ fn build(
             admitted: metrics.admitted.with_label_values(&[name]),
             duration: metrics.duration.with_label_values(&[name]),
             rejected,
+            ca_group: ca.as_deref().map_or(0, ca_group),
             ca,
         });
     }
@@ -131,24 +153,22 @@ fn build(
 }
 
 fn load_ca(path: &std::path::Path) -> Result<Arc<[WrappedX509]>, String> {
-    let file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let mut reader = std::io::BufReader::new(file);
-    let mut certs = Vec::new();
-    for cert in rustls_pemfile::certs(&mut reader) {
-        let der = cert.map_err(|e| format!("{}: {e}", path.display()))?;
-        let raw = der.as_ref().to_vec();
-        if x509_parser::parse_x509_certificate(&raw).is_err() {
-            return Err(format!("{}: a certificate does not parse", path.display()));
-        }
-        certs.push(WrappedX509::new(raw, pingora::utils::tls::parse_x509));
+    let certs = crate::pem::certificates(path).map_err(|e| e.to_string())?;
+    Ok(certs
+        .iter()
+        .map(|der| WrappedX509::new(der.to_vec(), pingora::utils::tls::parse_x509))
+        .collect())
+}
+
+/// A pool group for connections verified against `certs`: a hash of their
+/// DER bytes, so a changed file gets a group of its own.
+fn ca_group(certs: &[WrappedX509]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    for cert in certs {
+        cert.borrow_raw_cert().hash(&mut hasher);
     }
-    if certs.is_empty() {
-        return Err(format!(
-            "{}: no PEM certificate in the file",
-            path.display()
-        ));
-    }
-    Ok(certs.into())
+    hasher.finish()
 }
 
 pub fn unix_now() -> i64 {

@@ -1,11 +1,12 @@
 //! wsgate: an admission gateway for WebSocket upstreams, built on Pingora.
 //!
-//! Modules in the order a request meets them: `config` says what is allowed,
-//! `request` tells a stream from plain HTTP, `route` finds the route and its
-//! key, `client` names the client, `admission` takes the slots, `refusal`
-//! answers when it cannot, `proxy` hooks into Pingora and `relay` carries
-//! the stream; `gateway` holds the shared state, `metrics` and `admin`
-//! report on it, `server` wires it up.
+//! Modules in the order a request meets them: `config` says what is allowed
+//! (`pem` checks the TLS files it names), `request` tells a stream from
+//! plain HTTP, `route` finds the route and its key, `client` names the
+//! client, `admission` takes the slots, `refusal` answers when it cannot,
+//! `proxy` hooks into Pingora and `relay` carries the stream; `gateway`
+//! holds the shared state, `metrics` and `admin` report on it, `server`
+//! wires it up.
 #![forbid(unsafe_code)]
 
 pub mod admin;
@@ -14,9 +15,12 @@ pub mod client;
 pub mod config;
 pub mod gateway;
 pub mod metrics;
+pub mod pem;
 pub mod proxy;
+pub mod rate;
 pub mod refusal;
 pub mod relay;
+pub mod reload;
 pub mod request;
 pub mod route;
 pub mod server;

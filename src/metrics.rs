@@ -160,6 +160,9 @@ impl Metrics {
             registry.register(c).expect("metric names are unique");
         }
         last_reload_success.set(1);
+        for result in ["success", "failure"] {
+            reloads.with_label_values(&[result]);
+        }
 
         Self {
             registry,

@@ -113,13 +113,30 @@ impl ProxyHttp for Proxy {
             .and_then(|a| a.as_inet())
             .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), SocketAddr::ip);
         let client = snapshot.config.client.identify(peer, &req.headers);
+        let config = &snapshot.config;
+        let route = &live.route;
+        // Overrides match the client's own address; counting uses its key.
+        let mut limits = route.limits;
+        limits.per_client = route
+            .overrides
+            .per_client(client.addr)
+            .or(limits.per_client);
+        limits.per_key = found
+            .key
+            .and_then(|k| route.overrides.per_key(k))
+            .or(limits.per_key);
         let ask = Ask {
-            limits: live.route.limits,
-            global_per_client: snapshot.config.global_per_client,
+            limits,
+            global_per_client: config
+                .global_overrides
+                .per_client(client.addr)
+                .or(config.global_per_client),
             key: found.key,
             client: client.key,
             client_exempt: client.exempt,
-            dry_run: live.route.dry_run,
+            rate: route.rate,
+            global_rate: config.global_rate,
+            dry_run: route.dry_run,
         };
 
         match self.gateway.table.admit(&live.slots, &ask) {
@@ -141,9 +158,8 @@ impl ProxyHttp for Proxy {
             Admission::Refused(scope) => {
                 live.rejected(scope, false).inc();
                 self.log_refusal(&live.route, &client, scope, false);
-                let route = &live.route;
-                let (head, body) =
-                    refusal::response(route.reject_status, route.retry_after, &route.name, scope);
+                let wait = refusal::retry_after(route.retry_after, route.retry_after_jitter);
+                let (head, body) = refusal::response(route.reject_status, wait, &route.name, scope);
                 session.set_keepalive(None);
                 session.write_response_header(Box::new(head), false).await?;
                 session.write_response_body(Some(body), true).await?;
@@ -281,6 +297,7 @@ async fn peer_for(
 ) -> Result<HttpPeer> {
     let addr = resolve(&up.host, up.port).await?;
     let mut peer = HttpPeer::new(addr, up.tls, up.sni.clone());
+    peer.group_key = live.ca_group;
     let o = &mut peer.options;
     o.connection_timeout = Some(up.connect_timeout);
     o.total_connection_timeout = Some(up.connect_timeout);

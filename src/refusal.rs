@@ -38,6 +38,15 @@ pub fn response(
     (head, body)
 }
 
+/// `base` plus a random share of `jitter`, so clients refused together do
+/// not all come back in the same second.
+pub fn retry_after(base: Duration, jitter: Duration) -> Duration {
+    if jitter.is_zero() {
+        return base;
+    }
+    base + jitter.mul_f64(fastrand::f64())
+}
+
 /// A token bucket in front of the refusal log: `rate` lines per second with a
 /// burst of the same size; what it drops is counted and reported on the next
 /// line that gets through.
@@ -103,6 +112,17 @@ mod tests {
         assert_eq!(head.headers["retry-after"], "2");
         assert_eq!(head.headers["connection"], "close");
         assert_eq!(&body[..], b"wsgate: key limit reached on route rooms\n");
+    }
+
+    #[test]
+    fn jitter_stays_within_its_spread() {
+        let base = Duration::from_secs(5);
+        assert_eq!(retry_after(base, Duration::ZERO), base);
+        let spread = Duration::from_secs(10);
+        let seen: Vec<Duration> = (0..200).map(|_| retry_after(base, spread)).collect();
+        assert!(seen.iter().all(|d| *d >= base && *d <= base + spread));
+        let distinct: std::collections::HashSet<u64> = seen.iter().map(|d| d.as_secs()).collect();
+        assert!(distinct.len() > 3, "no spread: {distinct:?}");
     }
 
     #[test]

@@ -5,7 +5,9 @@ use crate::admin::Admin;
 use crate::config::{Config, Keepalive};
 use crate::gateway::Gateway;
 use crate::proxy::Proxy;
+use crate::reload::{ReloadService, Reloader};
 use anyhow::Context;
+use async_trait::async_trait;
 use pingora::connectors::http::v1::Connector;
 use pingora::connectors::ConnectorOptions;
 use pingora::listeners::tls::TlsSettings;
@@ -13,8 +15,11 @@ use pingora::listeners::TcpSocketOptions;
 use pingora::protocols::TcpKeepalive;
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::Server;
+use pingora::server::ShutdownWatch;
+use pingora::services::background::{background_service, BackgroundService};
 use pingora::services::listening::Service;
 use std::sync::Arc;
+use std::time::Duration;
 
 /// Options from the command line that Pingora acts on.
 #[derive(Debug, Default, Clone, Copy)]
@@ -91,7 +96,30 @@ pub fn build(config: Config, options: RunOptions) -> anyhow::Result<(Server, Arc
     let mut admin = Service::new("wsgate admin".to_string(), Admin::new(gateway.clone()));
     admin.add_tcp(&config.admin.to_string());
 
+    let reloader = Arc::new(Reloader::new(config.file.clone(), gateway.clone()));
+    let reload = background_service("wsgate reload", ReloadService::new(reloader));
+    let sweep = background_service("wsgate sweep", Sweeper(gateway.clone()));
+
     server.add_service(proxy);
     server.add_service(admin);
+    server.add_service(reload);
+    server.add_service(sweep);
     Ok((server, gateway))
+}
+
+/// Forgets refilled rate buckets every few seconds, so their memory follows
+/// the clients that are actually reconnecting.
+struct Sweeper(Arc<Gateway>);
+
+#[async_trait]
+impl BackgroundService for Sweeper {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = tick.tick() => self.0.sweep(),
+            }
+        }
+    }
 }

@@ -56,14 +56,22 @@ pub struct Wsgate {
     pub addr: SocketAddr,
     pub admin: SocketAddr,
     pub log_path: PathBuf,
+    /// The generated listen/admin/server part of the config file.
+    pub header: String,
 }
 
 impl Wsgate {
     /// Starts wsgate with `routes_yaml` (the `routes:` list and any other
     /// top-level keys) under a generated `listen`/`admin`/`server` header.
     pub async fn start(body: &str) -> Wsgate {
+        Self::start_with_listener("", body).await
+    }
+
+    /// Like [`start`](Self::start), with `listener_yaml` (further keys of the
+    /// proxy listener, such as its `tls:` block, indented under `address`).
+    pub async fn start_with_listener(listener_yaml: &str, body: &str) -> Wsgate {
         for attempt in 0..5 {
-            match Self::try_start(body).await {
+            match Self::try_start(listener_yaml, body).await {
                 Ok(w) => return w,
                 Err(e) if attempt < 4 => {
                     eprintln!("wsgate did not start ({e}); retrying with new ports")
@@ -74,14 +82,15 @@ impl Wsgate {
         unreachable!()
     }
 
-    async fn try_start(body: &str) -> Result<Wsgate, String> {
+    async fn try_start(listener_yaml: &str, body: &str) -> Result<Wsgate, String> {
         let dir = tempfile::tempdir().unwrap();
         let (port, admin_port) = (free_port(), free_port());
-        let config = format!(
-            "listen:\n  - address: 127.0.0.1:{port}\nadmin:\n  address: 127.0.0.1:{admin_port}\n\
-             server:\n  threads: 2\n  pid_file: {d}/wsgate.pid\n  upgrade_sock: {d}/upgrade.sock\n  grace_period: 1s\n{body}",
+        let header = format!(
+            "listen:\n  - address: 127.0.0.1:{port}\n{listener_yaml}admin:\n  address: 127.0.0.1:{admin_port}\n\
+             server:\n  threads: 2\n  pid_file: {d}/wsgate.pid\n  upgrade_sock: {d}/upgrade.sock\n  grace_period: 1s\n",
             d = dir.path().display()
         );
+        let config = format!("{header}{body}");
         let config_path = dir.path().join("wsgate.yaml");
         std::fs::write(&config_path, config).unwrap();
         let log_path = dir.path().join("wsgate.log");
@@ -105,6 +114,7 @@ impl Wsgate {
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
             admin: SocketAddr::from(([127, 0, 0, 1], admin_port)),
             log_path,
+            header,
         };
 
         let start = Instant::now();
@@ -121,6 +131,35 @@ impl Wsgate {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// The config text for `body` under this instance's header, as a
+    /// reload would need it (the header cannot change without a restart).
+    pub fn config_text(&self, body: &str) -> String {
+        format!("{}{body}", self.header)
+    }
+
+    /// `wsgate_config_reloads_total{result}`.
+    pub async fn reloads(&self, result: &str) -> f64 {
+        self.metrics()
+            .await
+            .get("wsgate_config_reloads_total", &[("result", result)])
+    }
+
+    /// Rewrites the config in place and waits until wsgate has reloaded it
+    /// (or refused it: `result` says which is expected).
+    pub async fn rewrite(&self, body: &str, result: &str) {
+        let before = self.reloads(result).await;
+        std::fs::write(&self.config_path, self.config_text(body)).unwrap();
+        self.wait_reloads(result, before + 1.0).await;
+    }
+
+    pub async fn wait_reloads(&self, result: &str, n: f64) {
+        let what = format!("wsgate_config_reloads_total{{result={result}}} >= {n}");
+        eventually(Duration::from_secs(10), &what, || async {
+            (self.reloads(result).await >= n).then_some(())
+        })
+        .await;
     }
 
     pub fn log(&self) -> String {

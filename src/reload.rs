@@ -1,0 +1,214 @@
+//! Live reload: on SIGHUP and when the config file changes, the file is
+//! parsed and validated whole, then put in force for new streams. A file with
+//! any problem, or one that changes what only a restart can change, is
+//! refused whole and the running config stays.
+//!
+//! Live streams are never touched: they keep the snapshot they started with,
+//! and their permits keep their slots counted under their route's name.
+
+use crate::config::{self, Config, ConfigError};
+use crate::gateway::{unix_now, ApplyError, Gateway};
+use async_trait::async_trait;
+use notify::{RecursiveMode, Watcher};
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+/// How long the file must be quiet before a change is read: editors and
+/// ConfigMap updates write in several steps.
+const DEBOUNCE: Duration = Duration::from_millis(200);
+
+/// What asked for a reload, for the log line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trigger {
+    Signal,
+    FileChange,
+}
+
+impl Trigger {
+    fn as_str(self) -> &'static str {
+        match self {
+            Trigger::Signal => "sighup",
+            Trigger::FileChange => "file_change",
+        }
+    }
+}
+
+/// Why a reload was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("{0}")]
+    Invalid(#[from] ConfigError),
+    #[error("{file}: {field}: changed; restart wsgate to apply it (the running config stays)")]
+    NeedsRestart { file: String, field: &'static str },
+    #[error("{0}")]
+    Apply(#[from] ApplyError),
+}
+
+pub struct Reloader {
+    path: PathBuf,
+    gateway: Arc<Gateway>,
+    /// The text of the last file read, so a directory event that did not
+    /// change the file does not reload it. Also serialises reloads.
+    last_text: Mutex<Option<String>>,
+}
+
+impl Reloader {
+    pub fn new(path: PathBuf, gateway: Arc<Gateway>) -> Self {
+        let text = std::fs::read_to_string(&path).ok();
+        Self {
+            path,
+            gateway,
+            last_text: Mutex::new(text),
+        }
+    }
+
+    /// Reads, validates and applies the file. With `FileChange`, a file
+    /// whose text did not change since the last read is left alone.
+    pub fn reload(&self, trigger: Trigger) -> Result<(), ReloadError> {
+        let mut last = self.last_text.lock().unwrap_or_else(|e| e.into_inner());
+        let text = std::fs::read_to_string(&self.path).map_err(|source| ConfigError::Read {
+            file: self.path.display().to_string(),
+            source,
+        });
+        if let (Trigger::FileChange, Ok(text)) = (trigger, &text) {
+            if last.as_deref() == Some(text.as_str()) {
+                return Ok(());
+            }
+        }
+
+        let result = text.map_err(ReloadError::from).and_then(|text| {
+            *last = Some(text.clone());
+            let new = config::parse(&self.path, &text)?;
+            let running = self.gateway.snapshot();
+            if let Some(field) = needs_restart(&running.config, &new) {
+                return Err(ReloadError::NeedsRestart {
+                    file: self.path.display().to_string(),
+                    field,
+                });
+            }
+            let routes = new.routes.len();
+            self.gateway.apply(new)?;
+            Ok(routes)
+        });
+
+        let metrics = &self.gateway.metrics;
+        match result {
+            Ok(routes) => {
+                metrics.reloads.with_label_values(&["success"]).inc();
+                metrics.last_reload_success.set(1);
+                metrics.last_reload_success_time.set(unix_now());
+                tracing::info!(config = %self.path.display(), trigger = trigger.as_str(), routes, "config reloaded");
+                Ok(())
+            }
+            Err(e) => {
+                metrics.reloads.with_label_values(&["failure"]).inc();
+                metrics.last_reload_success.set(0);
+                let problems = e.to_string().replace('\n', "; ");
+                tracing::error!(config = %self.path.display(), trigger = trigger.as_str(), %problems, "config reload refused");
+                Err(e)
+            }
+        }
+    }
+}
+
+/// The first field that differs between `old` and `new` and cannot change
+/// without a restart: the sockets and process settings Pingora set up at start.
+fn needs_restart(old: &Config, new: &Config) -> Option<&'static str> {
+    if old.listeners != new.listeners {
+        return Some("listen");
+    }
+    if old.admin != new.admin {
+        return Some("admin.address");
+    }
+    let (o, n) = (&old.server, &new.server);
+    let fields = [
+        (o.threads != n.threads, "server.threads"),
+        (o.pid_file != n.pid_file, "server.pid_file"),
+        (o.upgrade_sock != n.upgrade_sock, "server.upgrade_sock"),
+        (o.grace_period != n.grace_period, "server.grace_period"),
+        (o.tcp_keepalive != n.tcp_keepalive, "server.tcp_keepalive"),
+    ];
+    fields
+        .into_iter()
+        .find_map(|(changed, field)| changed.then_some(field))
+}
+
+/// The background service that waits for SIGHUP and file changes.
+pub struct ReloadService {
+    reloader: Arc<Reloader>,
+}
+
+impl ReloadService {
+    pub fn new(reloader: Arc<Reloader>) -> Self {
+        Self { reloader }
+    }
+}
+
+#[async_trait]
+impl BackgroundService for ReloadService {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGHUP; reload by file change only");
+                None
+            }
+        };
+        let (tx, mut changes) = mpsc::channel::<()>(16);
+        let _watcher = match watch(self.reloader.path.as_path(), tx) {
+            Ok(w) => Some(w),
+            Err(e) => {
+                tracing::error!(config = %self.reloader.path.display(), error = %e, "cannot watch the config file; reload by SIGHUP only");
+                None
+            }
+        };
+
+        loop {
+            let trigger = tokio::select! {
+                _ = shutdown.changed() => return,
+                Some(()) = async { hup.as_mut()?.recv().await } => Trigger::Signal,
+                Some(()) = changes.recv() => {
+                    // Let a burst of events settle before reading the file.
+                    while let Ok(Some(())) = tokio::time::timeout(DEBOUNCE, changes.recv()).await {}
+                    Trigger::FileChange
+                }
+            };
+            let reloader = self.reloader.clone();
+            // Reading and validating touch the disk: keep them off the runtime.
+            let _ = tokio::task::spawn_blocking(move || reloader.reload(trigger)).await;
+        }
+    }
+}
+
+/// Watches the directory holding the config file (and, for a symlink, the
+/// directory of its target): editors replace files by rename, and Kubernetes
+/// swaps a ConfigMap by re-pointing a symlink, neither of which a watch on
+/// the file itself would follow.
+fn watch(path: &Path, tx: mpsc::Sender<()>) -> notify::Result<notify::RecommendedWatcher> {
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        if event.is_ok_and(|e| !e.kind.is_access()) {
+            // A full channel already holds a pending reload.
+            let _ = tx.try_send(());
+        }
+    })?;
+    let mut dirs = vec![parent(path)];
+    if let Ok(target) = std::fs::canonicalize(path) {
+        dirs.push(parent(&target));
+    }
+    dirs.dedup();
+    for dir in dirs {
+        watcher.watch(&dir, RecursiveMode::NonRecursive)?;
+    }
+    Ok(watcher)
+}
+
+fn parent(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
