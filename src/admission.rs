@@ -714,4 +714,73 @@ mod tests {
         assert_eq!(route.live(), 0);
         assert_eq!(route.keys().tracked(), 0);
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        #[derive(Debug, Clone)]
+        enum Op {
+            Acquire { key: u8, client: u8 },
+            Release(usize),
+        }
+
+        fn op() -> impl Strategy<Value = Op> {
+            prop_oneof![
+                (0..4u8, 0..6u8).prop_map(|(key, client)| Op::Acquire { key, client }),
+                any::<usize>().prop_map(Op::Release),
+            ]
+        }
+
+        proptest! {
+            /// Whatever the order of acquires and releases, every count equals
+            /// the live permits it covers and never exceeds its limit, and
+            /// everything returns to zero (and is forgotten) at the end.
+            #[test]
+            fn counts_equal_live_permits_and_respect_limits(ops in prop::collection::vec(op(), 1..200)) {
+                let table = AdmissionTable::new();
+                let route = table.route("r");
+                let limits = RouteLimits { total: Some(7), per_key: Some(3), per_client: Some(2) };
+                let keys = ["a", "b", "c", "d"];
+                let mut live: Vec<(Permit, usize, u8)> = Vec::new();
+
+                for op in ops {
+                    match op {
+                        Op::Acquire { key, client } => {
+                            let mut a = ask(limits, Some(keys[key as usize]), client);
+                            a.global_per_client = Some(3);
+                            if let Admission::Admitted { permit, .. } = table.admit(&route, &a) {
+                                live.push((permit, key as usize, client));
+                            }
+                        }
+                        Op::Release(i) if !live.is_empty() => {
+                            let i = i % live.len();
+                            drop(live.swap_remove(i));
+                        }
+                        Op::Release(_) => {}
+                    }
+
+                    prop_assert_eq!(route.live() as usize, live.len());
+                    prop_assert!(live.len() <= 7);
+                    for (k, name) in keys.iter().enumerate() {
+                        let n = live.iter().filter(|(_, key, _)| *key == k).count();
+                        prop_assert_eq!(route.keys().get(*name) as usize, n);
+                        prop_assert!(n <= 3);
+                    }
+                    for c in 0..6u8 {
+                        let n = live.iter().filter(|(_, _, client)| *client == c).count();
+                        let ip = IpAddr::V4(Ipv4Addr::new(192, 0, 2, c));
+                        prop_assert_eq!(route.clients().get(&ip) as usize, n);
+                        prop_assert!(n <= 2);
+                    }
+                }
+
+                live.clear();
+                prop_assert_eq!(route.live(), 0);
+                prop_assert_eq!(route.keys().tracked(), 0);
+                prop_assert_eq!(route.clients().tracked(), 0);
+                prop_assert_eq!(table.global_clients().tracked(), 0);
+            }
+        }
+    }
 }

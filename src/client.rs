@@ -279,4 +279,53 @@ mod tests {
         assert!(p.identify(ip("192.0.2.50"), &HeaderMap::new()).exempt);
         assert!(!p.identify(ip("192.0.3.50"), &HeaderMap::new()).exempt);
     }
+
+    mod properties {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            /// For any chain of hops, the client is the rightmost hop that is
+            /// not a trusted proxy, or the leftmost when every hop is trusted.
+            #[test]
+            fn forwarded_for_names_the_rightmost_untrusted_hop(
+                hops in prop::collection::vec((any::<bool>(), any::<u8>()), 1..8),
+            ) {
+                let p = ClientPolicy {
+                    header: Some(ForwardHeader::XForwardedFor),
+                    trusted: vec!["10.0.0.0/8".parse().unwrap()],
+                    ..Default::default()
+                };
+                let addrs: Vec<IpAddr> = hops
+                    .iter()
+                    .map(|(trusted, n)| {
+                        let first = if *trusted { 10 } else { 203 };
+                        IpAddr::from([first, 0, 113, *n])
+                    })
+                    .collect();
+                let value: Vec<String> = addrs.iter().map(IpAddr::to_string).collect();
+                let mut h = HeaderMap::new();
+                h.insert("x-forwarded-for", value.join(", ").parse().unwrap());
+
+                let want = addrs
+                    .iter()
+                    .rev()
+                    .find(|a| !p.is_trusted(**a))
+                    .copied()
+                    .unwrap_or(addrs[0]);
+                prop_assert_eq!(p.identify("10.9.9.9".parse().unwrap(), &h).addr, want);
+                // The same header from an untrusted peer changes nothing.
+                let peer: IpAddr = "198.51.100.1".parse().unwrap();
+                prop_assert_eq!(p.identify(peer, &h).addr, peer);
+            }
+
+            #[test]
+            fn ipv6_clients_in_one_prefix_share_a_key(a in any::<u64>(), b in any::<u64>(), prefix in any::<u64>()) {
+                let p = ClientPolicy::default();
+                let one = IpAddr::V6(Ipv6Addr::from((u128::from(prefix) << 64) | u128::from(a)));
+                let two = IpAddr::V6(Ipv6Addr::from((u128::from(prefix) << 64) | u128::from(b)));
+                prop_assert_eq!(p.count_key(one), p.count_key(two));
+            }
+        }
+    }
 }

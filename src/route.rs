@@ -384,4 +384,75 @@ mod tests {
             assert_eq!(m.key, Some("lobby"), "{raw}");
         }
     }
+
+    mod properties {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        /// A path segment of unreserved characters, never `.` or `..`.
+        fn segment() -> impl Strategy<Value = String> {
+            "[A-Za-z0-9_~-][A-Za-z0-9._~-]{0,8}"
+        }
+
+        /// Respells a normal path without changing what it names: doubled
+        /// slashes, `.` segments, `x/..` detours and percent-escapes of
+        /// unreserved characters.
+        fn respell(segments: &[String], noise: &[u8]) -> String {
+            let mut out = String::new();
+            for (i, seg) in segments.iter().enumerate() {
+                let n = noise.get(i).copied().unwrap_or(0);
+                out.push('/');
+                if n & 1 != 0 {
+                    out.push_str("/./");
+                }
+                if n & 2 != 0 {
+                    out.push_str("detour/../");
+                }
+                for (j, c) in seg.chars().enumerate() {
+                    if n & 4 != 0 && j % 2 == 0 {
+                        out.push_str(&format!("%{:02x}", c as u32));
+                    } else {
+                        out.push(c);
+                    }
+                }
+            }
+            out
+        }
+
+        proptest! {
+            #[test]
+            fn normalisation_is_idempotent_and_clean(raw in "[/a-z.%0-9A-F]{0,40}") {
+                let once = normalize_path(&raw).into_owned();
+                let twice = normalize_path(&once).into_owned();
+                prop_assert_eq!(twice, once.clone());
+                prop_assert!(once.starts_with('/'));
+                prop_assert!(!once.contains("//"));
+                prop_assert!(!once.split('/').any(|s| s == "." || s == ".."));
+            }
+
+            #[test]
+            fn every_spelling_normalises_to_the_same_path(
+                segments in prop::collection::vec(segment(), 1..6),
+                noise in prop::collection::vec(any::<u8>(), 6),
+            ) {
+                let plain = format!("/{}", segments.join("/"));
+                let respelt = respell(&segments, &noise);
+                prop_assert_eq!(normalize_path(&respelt), normalize_path(&plain));
+            }
+
+            #[test]
+            fn a_room_is_found_under_any_spelling(
+                room in segment(),
+                noise in prop::collection::vec(any::<u8>(), 3),
+            ) {
+                let rooms = Pattern::parse("/room/{room}/ws").unwrap();
+                let key = rooms.param_index("room");
+                let router = Router::new(vec![Matcher { host: None, path: PathMatch::Pattern(rooms), key }]);
+                let segments = ["room".to_string(), room.clone(), "ws".to_string()];
+                let path = normalize_path(&respell(&segments, &noise)).into_owned();
+                let found = router.find(None, &path);
+                prop_assert_eq!(found.map(|m| m.key), Some(Some(room.as_str())));
+            }
+        }
+    }
 }
