@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
-use crate::rate::{Rate, RateTable};
+use crate::rate::{Rate, RateTable, RateTaken};
 use ipnet::IpNet;
 
 /// Number of lock shards per keyed counter; a power of two.
@@ -36,15 +36,19 @@ pub enum Scope {
     GlobalClient,
     /// New upgrades per second of one client (a token bucket, not a count).
     ClientRate,
+    /// A scope already tracks its maximum number of keys (clients, rooms)
+    /// and this request would add one more.
+    TrackingFull,
 }
 
 impl Scope {
-    pub const ALL: [Scope; 5] = [
+    pub const ALL: [Scope; 6] = [
         Scope::Route,
         Scope::Key,
         Scope::Client,
         Scope::GlobalClient,
         Scope::ClientRate,
+        Scope::TrackingFull,
     ];
 
     /// The metric label and the word used in refusal bodies.
@@ -55,6 +59,7 @@ impl Scope {
             Scope::Client => "client",
             Scope::GlobalClient => "global_client",
             Scope::ClientRate => "client_rate",
+            Scope::TrackingFull => "tracking_full",
         }
     }
 }
@@ -117,6 +122,35 @@ pub struct Ask<'a> {
     pub global_rate: Option<Rate>,
     /// Count and report, never refuse.
     pub dry_run: bool,
+    /// The most keys one scope may track, and what to do past it.
+    pub tracking: Tracking,
+}
+
+/// The bound on tracked keys per scope, so a flood of distinct addresses
+/// or room names cannot grow memory without limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tracking {
+    pub max_keys: usize,
+    pub when_full: WhenFull,
+}
+
+impl Default for Tracking {
+    fn default() -> Self {
+        Self {
+            max_keys: 100_000,
+            when_full: WhenFull::Refuse,
+        }
+    }
+}
+
+/// The answer to a request that would add a key to a full scope.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WhenFull {
+    /// Refuse it (scope `tracking_full`): limits stay exact. The default.
+    Refuse,
+    /// Admit it without counting it in that scope: the scope's limit does not
+    /// hold for the new key until tracking has room again.
+    AdmitUntracked,
 }
 
 /// The answer to an [`Ask`].
@@ -165,7 +199,7 @@ impl<K: Hash + Eq + Clone> KeyedCounter<K> {
 
     /// Takes one slot for `key` unless it already holds `limit`. With `force`,
     /// takes it anyway and reports whether it would have been refused.
-    fn acquire<Q>(&self, key: &Q, limit: u32, force: bool) -> Taken
+    fn acquire<Q>(&self, key: &Q, limit: u32, force: bool, max_keys: usize) -> Taken
     where
         K: std::borrow::Borrow<Q>,
         Q: Hash + Eq + ToOwned + ?Sized,
@@ -179,8 +213,17 @@ impl<K: Hash + Eq + Clone> KeyedCounter<K> {
         }
 
         if current == 0 {
+            // Reserve room for the new key before inserting it, so racing
+            // shards cannot together overshoot the cap.
+            let room = self
+                .tracked
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                    (n < max_keys).then_some(n + 1)
+                });
+            if room.is_err() {
+                return Taken::Full;
+            }
             shard.insert(key.to_owned().into(), 1);
-            self.tracked.fetch_add(1, Ordering::Relaxed);
         } else if let Some(count) = shard.get_mut(key) {
             *count += 1;
         }
@@ -240,6 +283,8 @@ enum Taken {
     Yes,
     OverLimit,
     No,
+    /// The key is new and the scope tracks its maximum already.
+    Full,
 }
 
 /// The live counts of one route. Shared by the table and every permit of the
@@ -368,49 +413,69 @@ impl AdmissionTable {
             total: false,
         };
         let mut would_refuse = None;
-        if !ask.client_exempt && !self.within_rate(route, ask) {
-            if !ask.dry_run {
-                return Admission::Refused(Scope::ClientRate);
+        if !ask.client_exempt {
+            if let Some(scope) = self.over_rate(route, ask) {
+                if !ask.dry_run {
+                    return Admission::Refused(scope);
+                }
+                would_refuse = Some(scope);
             }
-            would_refuse = Some(Scope::ClientRate);
         }
-        let mut note = |taken: Taken, scope: Scope| match taken {
-            Taken::Yes => true,
-            Taken::OverLimit => {
-                would_refuse.get_or_insert(scope);
-                true
+        // Ok(true): the slot is held; Ok(false): admitted without this scope;
+        // Err: refused in the named scope.
+        let mut step = |taken: Taken, scope: Scope| -> Result<bool, Scope> {
+            match taken {
+                Taken::Yes => Ok(true),
+                Taken::OverLimit => {
+                    would_refuse.get_or_insert(scope);
+                    Ok(true)
+                }
+                Taken::No => Err(scope),
+                Taken::Full if ask.tracking.when_full == WhenFull::AdmitUntracked => Ok(false),
+                Taken::Full if ask.dry_run => {
+                    would_refuse.get_or_insert(Scope::TrackingFull);
+                    Ok(false)
+                }
+                Taken::Full => Err(Scope::TrackingFull),
             }
-            Taken::No => false,
         };
+        let max_keys = ask.tracking.max_keys;
 
         if !ask.client_exempt {
             if let Some(limit) = ask.global_per_client {
-                let taken = self.global_clients.acquire(&ask.client, limit, ask.dry_run);
-                if !note(taken, Scope::GlobalClient) {
-                    return Admission::Refused(Scope::GlobalClient);
+                let taken = self
+                    .global_clients
+                    .acquire(&ask.client, limit, ask.dry_run, max_keys);
+                match step(taken, Scope::GlobalClient) {
+                    Ok(true) => permit.global = Some((self.global_clients.clone(), ask.client)),
+                    Ok(false) => {}
+                    Err(scope) => return Admission::Refused(scope),
                 }
-                permit.global = Some((self.global_clients.clone(), ask.client));
             }
             if let Some(limit) = ask.limits.per_client {
-                let taken = route.clients.acquire(&ask.client, limit, ask.dry_run);
-                if !note(taken, Scope::Client) {
-                    return Admission::Refused(Scope::Client);
+                let taken = route
+                    .clients
+                    .acquire(&ask.client, limit, ask.dry_run, max_keys);
+                match step(taken, Scope::Client) {
+                    Ok(true) => permit.client = Some(ask.client),
+                    Ok(false) => {}
+                    Err(scope) => return Admission::Refused(scope),
                 }
-                permit.client = Some(ask.client);
             }
         }
 
         if let (Some(limit), Some(key)) = (ask.limits.per_key, ask.key) {
-            let taken = route.keys.acquire(key, limit, ask.dry_run);
-            if !note(taken, Scope::Key) {
-                return Admission::Refused(Scope::Key);
+            let taken = route.keys.acquire(key, limit, ask.dry_run, max_keys);
+            match step(taken, Scope::Key) {
+                Ok(true) => permit.key = Some(key.into()),
+                Ok(false) => {}
+                Err(scope) => return Admission::Refused(scope),
             }
-            permit.key = Some(key.into());
         }
 
         let taken = route.acquire_total(ask.limits.total, ask.dry_run);
-        if !note(taken, Scope::Route) {
-            return Admission::Refused(Scope::Route);
+        if let Err(scope) = step(taken, Scope::Route) {
+            return Admission::Refused(scope);
         }
         permit.total = true;
 
@@ -422,17 +487,24 @@ impl AdmissionTable {
 }
 
 impl AdmissionTable {
-    /// Spends one token of the client's global and route buckets; `false`
-    /// at the first empty one.
-    fn within_rate(&self, route: &RouteSlots, ask: &Ask<'_>) -> bool {
+    /// Spends one token of the client's global and route buckets; the scope
+    /// to refuse in at the first empty one (or full table).
+    fn over_rate(&self, route: &RouteSlots, ask: &Ask<'_>) -> Option<Scope> {
         let now = Instant::now();
         let buckets = [
             (ask.global_rate, &self.global_rate),
             (ask.rate, &route.rate),
         ];
-        buckets
-            .into_iter()
-            .all(|(rate, table)| rate.is_none_or(|rate| table.take(ask.client, rate, now)))
+        for (rate, table) in buckets {
+            let Some(rate) = rate else { continue };
+            match table.take(ask.client, rate, now, ask.tracking.max_keys) {
+                RateTaken::Yes => {}
+                RateTaken::Empty => return Some(Scope::ClientRate),
+                RateTaken::Full if ask.tracking.when_full == WhenFull::AdmitUntracked => {}
+                RateTaken::Full => return Some(Scope::TrackingFull),
+            }
+        }
+        None
     }
 }
 
@@ -479,6 +551,7 @@ mod tests {
             rate: None,
             global_rate: None,
             dry_run: false,
+            tracking: Tracking::default(),
         }
     }
 
@@ -621,6 +694,41 @@ mod tests {
         drop(permit);
         table.retain_routes(&[]);
         assert!(table.routes().is_empty());
+    }
+
+    #[test]
+    fn a_full_scope_refuses_new_keys_but_not_known_ones() {
+        let table = AdmissionTable::new();
+        let route = table.route("r");
+        let limits = RouteLimits {
+            per_key: Some(5),
+            per_client: Some(5),
+            ..Default::default()
+        };
+        let mut a = ask(limits, Some("a"), 1);
+        a.tracking.max_keys = 2;
+        let _p = admitted(table.admit(&route, &a));
+        let mut b = a;
+        b.key = Some("b");
+        b.client = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 2));
+        let _q = admitted(table.admit(&route, &b));
+
+        // A third client is a third key in the client scope.
+        let mut c = a;
+        c.client = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 3));
+        assert_eq!(refused(table.admit(&route, &c)), Scope::TrackingFull);
+        assert_eq!(route.clients().tracked(), 2, "the cap holds");
+        // Known keys still count.
+        let _r = admitted(table.admit(&route, &a));
+        assert_eq!(route.keys().get("a"), 2);
+
+        // Admitting untracked: the stream is admitted without that scope.
+        c.tracking.when_full = WhenFull::AdmitUntracked;
+        let untracked = admitted(table.admit(&route, &c));
+        assert_eq!(route.clients().tracked(), 2);
+        assert_eq!(route.live(), 4);
+        drop(untracked);
+        assert_eq!(route.live(), 3);
     }
 
     #[test]

@@ -7,7 +7,7 @@
 //! Type errors come from serde with their exact position and stop parsing;
 //! semantic checks run after it and all of their problems are reported at once.
 
-use crate::admission::{Overrides, RouteLimits};
+use crate::admission::{Overrides, RouteLimits, Tracking, WhenFull};
 use crate::client::{ClientPolicy, ForwardHeader};
 use crate::rate::Rate;
 use crate::route::{Matcher, PathMatch, Pattern, Router};
@@ -251,6 +251,15 @@ struct GlobalLimitsFile {
     #[serde(default)]
     overrides: Vec<OverrideFile>,
     rate: Option<RateFile>,
+    max_tracked_keys: Option<usize>,
+    when_tracking_full: Option<WhenFullFile>,
+}
+
+#[derive(Debug, Deserialize, Clone, Copy)]
+#[serde(rename_all = "snake_case")]
+enum WhenFullFile {
+    Refuse,
+    AdmitUntracked,
 }
 
 /// One override: a client CIDR with its own `per_client`, or a route key
@@ -351,6 +360,8 @@ pub struct Config {
     pub global_per_client: Option<u32>,
     pub global_overrides: Overrides,
     pub global_rate: Option<Rate>,
+    /// The bound on keys tracked per scope.
+    pub tracking: Tracking,
     pub rejections_per_second: u32,
     pub routes: Vec<Arc<Route>>,
     pub router: Router,
@@ -541,6 +552,19 @@ impl Checker<'_> {
         let (routes, router) = self.routes(raw.routes);
         let global_overrides = self.overrides("limits", raw.limits.overrides, false);
         let global_rate = self.rate("limits.rate", raw.limits.rate);
+        let tracking = Tracking {
+            max_keys: raw
+                .limits
+                .max_tracked_keys
+                .unwrap_or(Tracking::default().max_keys),
+            when_full: match raw.limits.when_tracking_full {
+                None | Some(WhenFullFile::Refuse) => WhenFull::Refuse,
+                Some(WhenFullFile::AdmitUntracked) => WhenFull::AdmitUntracked,
+            },
+        };
+        if tracking.max_keys == 0 {
+            self.problem(None, "limits.max_tracked_keys", "must be at least 1");
+        }
 
         if raw.limits.per_client == Some(0) || raw.log.rejections_per_second == Some(0) {
             let field = if raw.limits.per_client == Some(0) {
@@ -564,6 +588,7 @@ impl Checker<'_> {
             global_per_client: raw.limits.per_client,
             global_overrides,
             global_rate,
+            tracking,
             rejections_per_second: raw.log.rejections_per_second.unwrap_or(20),
             routes,
             router,

@@ -214,6 +214,7 @@ impl Metrics {
             let keyed = [
                 (Scope::Key, slots.keys().tracked()),
                 (Scope::Client, slots.clients().tracked()),
+                (Scope::ClientRate, slots.rate().tracked()),
             ];
             for (scope, n) in keyed {
                 self.tracked_keys

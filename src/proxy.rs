@@ -137,6 +137,7 @@ impl ProxyHttp for Proxy {
             rate: route.rate,
             global_rate: config.global_rate,
             dry_run: route.dry_run,
+            tracking: config.tracking,
         };
 
         match self.gateway.table.admit(&live.slots, &ask) {

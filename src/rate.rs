@@ -29,6 +29,16 @@ struct Bucket {
     full_at: Instant,
 }
 
+/// The answer of [`RateTable::take`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RateTaken {
+    Yes,
+    /// The client's bucket is empty.
+    Empty,
+    /// The client has no bucket and the table is at its cap.
+    Full,
+}
+
 /// Token buckets keyed by client.
 #[derive(Debug)]
 pub struct RateTable {
@@ -48,18 +58,26 @@ impl Default for RateTable {
 }
 
 impl RateTable {
-    /// Takes one token for `client`; `false` when its bucket is empty.
-    pub fn take(&self, client: IpAddr, rate: Rate, now: Instant) -> bool {
+    /// Takes one token for `client`. A new client needs room among at most
+    /// `max_keys` buckets.
+    pub fn take(&self, client: IpAddr, rate: Rate, now: Instant, max_keys: usize) -> RateTaken {
         let i = self.hasher.hash_one(client) as usize & (SHARDS - 1);
         let mut shard = self.shards[i].lock().unwrap_or_else(|e| e.into_inner());
         let burst = f64::from(rate.burst.max(1));
-        let bucket = shard.entry(client).or_insert_with(|| {
-            self.tracked.fetch_add(1, Ordering::Relaxed);
-            Bucket {
-                tokens: burst,
-                at: now,
-                full_at: now,
+        if !shard.contains_key(&client) {
+            let room = self
+                .tracked
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                    (n < max_keys).then_some(n + 1)
+                });
+            if room.is_err() {
+                return RateTaken::Full;
             }
+        }
+        let bucket = shard.entry(client).or_insert(Bucket {
+            tokens: burst,
+            at: now,
+            full_at: now,
         });
 
         let refill = now.saturating_duration_since(bucket.at).as_secs_f64() * rate.per_second;
@@ -71,7 +89,11 @@ impl RateTable {
         }
         let missing = (burst - bucket.tokens) / rate.per_second.max(f64::MIN_POSITIVE);
         bucket.full_at = now + Duration::try_from_secs_f64(missing).unwrap_or(Duration::MAX / 2);
-        taken
+        if taken {
+            RateTaken::Yes
+        } else {
+            RateTaken::Empty
+        }
     }
 
     /// Forgets every bucket that is full again by `now`.
@@ -107,14 +129,16 @@ mod tests {
             burst: 3,
         };
         let t0 = Instant::now();
-        let taken = (0..10).filter(|_| table.take(ip(1), rate, t0)).count();
+        let take = |n, at| table.take(ip(n), rate, at, 100);
+        let taken = (0..10).filter(|_| take(1, t0) == RateTaken::Yes).count();
         assert_eq!(taken, 3);
 
         // Half a second refills one token at 2/s.
-        assert!(table.take(ip(1), rate, t0 + Duration::from_millis(500)));
-        assert!(!table.take(ip(1), rate, t0 + Duration::from_millis(600)));
-        // Other clients have their own bucket.
-        assert!(table.take(ip(2), rate, t0));
+        assert_eq!(take(1, t0 + Duration::from_millis(500)), RateTaken::Yes);
+        assert_eq!(take(1, t0 + Duration::from_millis(600)), RateTaken::Empty);
+        // Other clients have their own bucket, while there is room for one.
+        assert_eq!(take(2, t0), RateTaken::Yes);
+        assert_eq!(table.take(ip(3), rate, t0, 2), RateTaken::Full);
     }
 
     #[test]
@@ -126,7 +150,7 @@ mod tests {
         };
         let t0 = Instant::now();
         for n in 0..50 {
-            assert!(table.take(ip(n), rate, t0));
+            assert_eq!(table.take(ip(n), rate, t0, 1000), RateTaken::Yes);
         }
         assert_eq!(table.tracked(), 50);
         table.sweep(t0 + Duration::from_millis(50));
