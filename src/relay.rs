@@ -104,6 +104,10 @@ pub async fn run(
     if head.status != http::StatusCode::SWITCHING_PROTOCOLS || !upstream.was_upgraded() {
         on_phase(Phase::NotUpgraded);
         let answered = head.status.as_u16();
+        // The peer has no read timeout (the handshake is bounded as a whole),
+        // so bound each read of the answer's body as a plain response's is:
+        // an upstream that stalls mid-body must not hold the client forever.
+        upstream.read_timeout = Some(bounds.handshake_timeout);
         pass_on_refusal(session, &mut upstream, head).await;
         return Outcome::Failed {
             reason: UpstreamFailure::Status,
