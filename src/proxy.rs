@@ -89,16 +89,24 @@ impl ProxyHttp for Proxy {
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
         let snapshot = self.gateway.snapshot();
         let kind = request::classify(session.req_header());
-        if kind == Kind::OtherUpgrade {
-            session
-                .req_header_mut()
-                .remove_header(&http::header::UPGRADE);
+        match kind {
+            Kind::OtherUpgrade => {
+                session
+                    .req_header_mut()
+                    .remove_header(&http::header::UPGRADE);
+            }
+            Kind::BadUpgrade(why) => {
+                session.set_keepalive(None);
+                respond_plain(session, 400, why).await?;
+                return Ok(true);
+            }
+            Kind::Plain | Kind::Stream => {}
         }
 
         let req = session.req_header();
         let path = normalize_path(req.uri.path());
         let Some(found) = snapshot.config.router.find(host_of(req), &path) else {
-            respond_plain(session, 404, "wsgate: no route for this host and path\n").await?;
+            respond_plain(session, 404, "no route for this host and path").await?;
             return Ok(true);
         };
         ctx.route = Some(found.route);
@@ -328,21 +336,25 @@ fn rewrite(req: &mut RequestHeader, up: &Upstream) -> Result<()> {
     Ok(())
 }
 
-/// The request's host: the Host header, or the authority of an absolute URI.
+/// The request's host: the authority of an absolute-form URI, which RFC 9112
+/// puts before the Host header, or else the Host header.
 fn host_of(req: &RequestHeader) -> Option<&str> {
-    req.headers
-        .get(http::header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .or_else(|| req.uri.authority().map(|a| a.as_str()))
+    req.uri.authority().map(|a| a.as_str()).or_else(|| {
+        req.headers
+            .get(http::header::HOST)
+            .and_then(|h| h.to_str().ok())
+    })
 }
 
-async fn respond_plain(session: &mut Session, status: u16, body: &'static str) -> Result<()> {
+/// A short plain-text answer from wsgate itself: `wsgate: {what}`.
+async fn respond_plain(session: &mut Session, status: u16, what: &str) -> Result<()> {
+    let body = format!("wsgate: {what}\n");
     let mut head = ResponseHeader::build(status, Some(3))?;
     head.insert_header(http::header::CONTENT_TYPE, "text/plain; charset=utf-8")?;
     head.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
     session.write_response_header(Box::new(head), false).await?;
     session
-        .write_response_body(Some(Bytes::from_static(body.as_bytes())), true)
+        .write_response_body(Some(Bytes::from(body)), true)
         .await
 }
 

@@ -7,7 +7,7 @@
 //! counted stream or have its `Upgrade` header removed: never an uncounted
 //! tunnel.
 
-use http::{header, HeaderMap, Version};
+use http::{header, HeaderMap, Method, Version};
 use pingora::http::RequestHeader;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -21,13 +21,15 @@ pub enum Kind {
     /// An HTTP/1.1 upgrade to anything else (e.g. `h2c`): the `Upgrade`
     /// header is removed and the request proxied as plain HTTP.
     OtherUpgrade,
+    /// A WebSocket upgrade in a form wsgate will not carry: answered 400.
+    BadUpgrade(&'static str),
 }
 
 pub fn classify(req: &RequestHeader) -> Kind {
-    classify_parts(req.version, &req.headers)
+    classify_parts(&req.method, req.version, &req.headers)
 }
 
-fn classify_parts(version: Version, headers: &HeaderMap) -> Kind {
+fn classify_parts(method: &Method, version: Version, headers: &HeaderMap) -> Kind {
     if version != Version::HTTP_11 || !headers.contains_key(header::UPGRADE) {
         return Kind::Plain;
     }
@@ -42,11 +44,23 @@ fn classify_parts(version: Version, headers: &HeaderMap) -> Kind {
             let name = token.split('/').next().unwrap_or(token);
             name.eq_ignore_ascii_case("websocket")
         });
-    if websocket {
-        Kind::Stream
-    } else {
-        Kind::OtherUpgrade
+    if !websocket {
+        return Kind::OtherUpgrade;
     }
+    // RFC 6455 upgrades are GETs without a body. Anything else is refused
+    // rather than tunnelled: a body would have to reach the upstream before
+    // the switch, and other methods are not WebSocket handshakes.
+    if method != Method::GET {
+        return Kind::BadUpgrade("a WebSocket upgrade must be a GET");
+    }
+    let has_body = headers.contains_key(header::TRANSFER_ENCODING)
+        || headers
+            .get(header::CONTENT_LENGTH)
+            .is_some_and(|v| v.as_bytes() != b"0");
+    if has_body {
+        return Kind::BadUpgrade("a WebSocket upgrade must not carry a body");
+    }
+    Kind::Stream
 }
 
 #[cfg(test)]
@@ -58,7 +72,7 @@ mod tests {
         for (k, v) in pairs {
             h.append(*k, v.parse().unwrap());
         }
-        classify_parts(version, &h)
+        classify_parts(&Method::GET, version, &h)
     }
 
     #[test]
@@ -109,5 +123,33 @@ mod tests {
             kind(Version::HTTP_11, &[("upgrade", "websockets")]),
             Kind::OtherUpgrade
         );
+    }
+
+    #[test]
+    fn upgrades_with_other_methods_or_a_body_are_refused() {
+        let mut h = HeaderMap::new();
+        h.insert("upgrade", "websocket".parse().unwrap());
+        let v11 = Version::HTTP_11;
+        assert!(matches!(
+            classify_parts(&Method::POST, v11, &h),
+            Kind::BadUpgrade(_)
+        ));
+        assert!(matches!(
+            classify_parts(&Method::CONNECT, v11, &h),
+            Kind::BadUpgrade(_)
+        ));
+        h.insert("content-length", "0".parse().unwrap());
+        assert_eq!(classify_parts(&Method::GET, v11, &h), Kind::Stream);
+        h.insert("content-length", "5".parse().unwrap());
+        assert!(matches!(
+            classify_parts(&Method::GET, v11, &h),
+            Kind::BadUpgrade(_)
+        ));
+        h.remove("content-length");
+        h.insert("transfer-encoding", "chunked".parse().unwrap());
+        assert!(matches!(
+            classify_parts(&Method::GET, v11, &h),
+            Kind::BadUpgrade(_)
+        ));
     }
 }

@@ -92,3 +92,96 @@ async fn admit_untracked_keeps_serving_past_the_cap() {
     drop(held);
     gw.wait_active("relay", 0).await;
 }
+
+/// Sends a raw request and returns the status code (0 if the connection
+/// closed without an answer), keeping the connection open alongside.
+async fn raw(addr: std::net::SocketAddr, req: &str) -> (u16, tokio::net::TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 2048];
+    let n = tokio::time::timeout(std::time::Duration::from_secs(10), s.read(&mut buf))
+        .await
+        .expect("an answer in time")
+        .unwrap_or(0);
+    let text = String::from_utf8_lossy(&buf[..n]);
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (status, s)
+}
+
+const WS_HEADERS: &str =
+    "Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
+                          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unusual_upgrades_are_refused_or_counted_never_tunnelled_uncounted() {
+    let up = Upstream::start().await;
+    let gw = Wsgate::start(&format!(
+        "routes:\n  - name: rooms\n    path: /room/{{room}}/ws\n    key: room\n{}    limits:\n      per_key: 1\n",
+        upstream_yaml(up.addr)
+    ))
+    .await;
+
+    // Other methods and bodies: 400 from wsgate, nothing reaches the upstream.
+    let accepts = up.accepts();
+    for req in [
+        format!("POST /room/a/ws HTTP/1.1\r\nHost: t\r\n{WS_HEADERS}Content-Length: 0\r\n\r\n"),
+        format!("GET /room/a/ws HTTP/1.1\r\nHost: t\r\n{WS_HEADERS}Content-Length: 5\r\n\r\nhello"),
+        format!("GET /room/a/ws HTTP/1.1\r\nHost: t\r\n{WS_HEADERS}Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n"),
+    ] {
+        let (status, _) = raw(gw.addr, &req).await;
+        assert_eq!(status, 400, "{req}");
+    }
+    assert_eq!(up.accepts(), accepts);
+
+    // HTTP/1.0 cannot upgrade: it is plain HTTP, and a 101 from the upstream
+    // is not tunnelled.
+    let (status, _s) = raw(
+        gw.addr,
+        &format!("GET /room/a/ws HTTP/1.0\r\nHost: t\r\n{WS_HEADERS}\r\n"),
+    )
+    .await;
+    assert_ne!(status, 101);
+    gw.wait_active("rooms", 0).await;
+
+    // Odd spellings of the same room are one key: the second is refused.
+    let (first, held) = raw(
+        gw.addr,
+        &format!("GET //room/./b/../a/ws?x=1 HTTP/1.1\r\nHost: t\r\n{WS_HEADERS}\r\n"),
+    )
+    .await;
+    assert_eq!(first, 101);
+    for spelling in ["/room/%61/ws", "/room/a/./ws", "http://t/room/a/ws"] {
+        let (status, _) = raw(
+            gw.addr,
+            &format!("GET {spelling} HTTP/1.1\r\nHost: t\r\n{WS_HEADERS}\r\n"),
+        )
+        .await;
+        assert_eq!(status, 503, "{spelling}");
+    }
+    // The upstream was sent the path as it was counted.
+    let head = up
+        .heads()
+        .into_iter()
+        .rev()
+        .find(|h| h.contains("room"))
+        .unwrap();
+    assert!(head.starts_with("GET /room/a/ws?x=1 HTTP/1.1"), "{head}");
+
+    // A missing Sec-WebSocket-Key is the upstream's to judge; it is counted
+    // like any other upgrade while it lasts.
+    let (status, held_b) = raw(
+        gw.addr,
+        "GET /room/b/ws HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status, 101, "the test upstream accepts any key");
+    gw.wait_active("rooms", 2).await;
+
+    drop((held, held_b));
+    gw.wait_active("rooms", 0).await;
+}
