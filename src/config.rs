@@ -1035,7 +1035,7 @@ routes:
         assert_eq!(c.server.tcp_keepalive, Some(DEFAULT_KEEPALIVE));
         assert_eq!(c.client.ipv6_prefix, 64);
         let m = c.router.find(None, "/room/a/ws").unwrap();
-        assert_eq!(m.key, Some("a"));
+        assert_eq!(m.key.as_deref(), Some("a"));
     }
 
     #[test]

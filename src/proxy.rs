@@ -131,6 +131,7 @@ impl ProxyHttp for Proxy {
             .or(limits.per_client);
         limits.per_key = found
             .key
+            .as_deref()
             .and_then(|k| route.overrides.per_key(k))
             .or(limits.per_key);
         let ask = Ask {
@@ -139,7 +140,7 @@ impl ProxyHttp for Proxy {
                 .global_overrides
                 .per_client(client.addr)
                 .or(config.global_per_client),
-            key: found.key,
+            key: found.key.as_deref(),
             client: client.key,
             client_exempt: client.exempt,
             rate: route.rate,

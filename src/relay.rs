@@ -202,7 +202,9 @@ async fn respond_error(session: &mut Session, status: u16) {
 }
 
 /// Copies bytes both ways until either side ends or a timer fires. Any
-/// activity, in either direction, restarts the idle timer.
+/// activity, in either direction, restarts the idle timer; a write that
+/// cannot complete (a peer that stopped reading) is raced against the same
+/// timers, so neither bound can be escaped by not reading.
 async fn relay(session: &mut Session, upstream: &mut UpstreamSession, bounds: Bounds) -> End {
     let far = TokioInstant::now() + Duration::from_secs(100 * 365 * 86400);
     let lifetime = bounds.deadline.map_or(far, TokioInstant::from_std);
@@ -218,28 +220,40 @@ async fn relay(session: &mut Session, upstream: &mut UpstreamSession, bounds: Bo
             _ = &mut expiry => return End::MaxLifetime,
         };
 
-        match event {
+        let written = match event {
             Event::FromClient(Ok(Some(bytes))) => {
-                if upstream.write_body(&bytes).await.is_err() {
-                    return End::UpstreamError;
-                }
+                let write = async { upstream.write_body(&bytes).await.map(|_| ()) };
+                bounded(write, &mut idle, &mut expiry, End::UpstreamError).await
             }
-            Event::FromClient(Ok(None)) => return End::ClientClosed,
-            Event::FromClient(Err(_)) => return End::ClientError,
+            Event::FromClient(Ok(None)) => Err(End::ClientClosed),
+            Event::FromClient(Err(_)) => Err(End::ClientError),
             Event::FromUpstream(Ok(Some(bytes))) => {
-                if session
+                let write = session
                     .as_downstream_mut()
-                    .write_response_body(bytes, false)
-                    .await
-                    .is_err()
-                {
-                    return End::ClientError;
-                }
+                    .write_response_body(bytes, false);
+                bounded(write, &mut idle, &mut expiry, End::ClientError).await
             }
-            Event::FromUpstream(Ok(None)) => return End::UpstreamClosed,
-            Event::FromUpstream(Err(_)) => return End::UpstreamError,
+            Event::FromUpstream(Ok(None)) => Err(End::UpstreamClosed),
+            Event::FromUpstream(Err(_)) => Err(End::UpstreamError),
+        };
+        if let Err(end) = written {
+            return end;
         }
         idle.as_mut().reset(next_idle());
+    }
+}
+
+/// Awaits a write unless the idle or lifetime timer fires first.
+async fn bounded(
+    write: impl std::future::Future<Output = pingora::Result<()>>,
+    idle: &mut std::pin::Pin<&mut tokio::time::Sleep>,
+    expiry: &mut std::pin::Pin<&mut tokio::time::Sleep>,
+    on_error: End,
+) -> Result<(), End> {
+    tokio::select! {
+        r = write => r.map_err(|_| on_error),
+        _ = idle.as_mut() => Err(End::IdleTimeout),
+        _ = expiry.as_mut() => Err(End::MaxLifetime),
     }
 }
 

@@ -147,10 +147,12 @@ pub struct Router {
 }
 
 /// A request's route and, when the route has one, its key.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Matched<'p> {
     pub route: usize,
-    pub key: Option<&'p str>,
+    /// The key segment fully percent-decoded, as the upstream will read it
+    /// (`a!`, `a%21` and `%61%21` are one room).
+    pub key: Option<Cow<'p, str>>,
 }
 
 impl Router {
@@ -169,7 +171,10 @@ impl Router {
                 }
             }
             let key = m.path.matches(path, m.key)?;
-            Some(Matched { route: i, key })
+            Some(Matched {
+                route: i,
+                key: key.map(decode_all),
+            })
         })
     }
 }
@@ -235,9 +240,33 @@ pub fn normalize_path(path: &str) -> Cow<'_, str> {
 
 fn is_normal(path: &str) -> bool {
     path.starts_with('/')
-        && !path.contains('%')
+        && !path.contains(['%', '\\'])
         && !path.contains("//")
         && !path.split('/').any(|s| s == "." || s == "..")
+}
+
+/// Decodes every percent-escape of a key segment; bytes that are not UTF-8
+/// become U+FFFD, the same for every spelling of them.
+fn decode_all(segment: &str) -> Cow<'_, str> {
+    if !segment.contains('%') {
+        return Cow::Borrowed(segment);
+    }
+    let bytes = segment.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            if let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    Cow::Owned(String::from_utf8_lossy(&out).into_owned())
 }
 
 fn decode_unreserved(path: &str) -> String {
@@ -262,6 +291,22 @@ fn decode_unreserved(path: &str) -> String {
                 i += 3;
                 continue;
             }
+        }
+        // A `%` that starts no escape is written as one, so decoding never
+        // forms a new escape from what follows (`%%377` must not become `%77`
+        // on a second pass): normalising twice changes nothing.
+        if bytes[i] == b'%' {
+            out.push_str("%25");
+            i += 1;
+            continue;
+        }
+        // A backslash is a separator to WHATWG URL parsers, and so to
+        // Workers: treat it as one here too, or `/a\\..\\b` would be counted
+        // as one path and served as another.
+        if bytes[i] == b'\\' {
+            out.push('/');
+            i += 1;
+            continue;
         }
         // Copy one whole UTF-8 character.
         let ch = path[i..].chars().next().unwrap_or('\u{fffd}');
@@ -293,9 +338,12 @@ mod tests {
             ("", "/"),
             ("/", "/"),
             ("/..", "/"),
-            ("/%", "/%"),
-            ("/%zz", "/%zz"),
+            ("/%", "/%25"),
+            ("/%zz", "/%25zz"),
+            ("/%%377s", "/%2577s"),
             ("/caf\u{e9}/%41", "/caf\u{e9}/A"),
+            ("/room/x\\..\\lobby/ws", "/room/lobby/ws"),
+            ("/registry\\ws", "/registry/ws"),
         ];
         for (input, want) in cases {
             assert_eq!(normalize_path(input), want, "input {input:?}");
@@ -345,9 +393,24 @@ mod tests {
         assert_eq!(m(None, "/registry"), None);
 
         let room = m(None, "/room/lobby/ws").unwrap();
-        assert_eq!((room.route, room.key), (1, Some("lobby")));
+        assert_eq!((room.route, room.key.as_deref()), (1, Some("lobby")));
         assert_eq!(m(None, "/room/lobby/ws/extra"), None);
         assert_eq!(m(None, "/room/ws"), None);
+    }
+
+    #[test]
+    fn keys_are_decoded_so_every_spelling_is_one_room() {
+        let r = router();
+        let key = |raw: &str| {
+            let path = normalize_path(raw).into_owned();
+            r.find(None, &path)
+                .and_then(|m| m.key)
+                .map(|k| k.into_owned())
+        };
+        assert_eq!(key("/room/a!/ws"), key("/room/a%21/ws"));
+        assert_eq!(key("/room/%61%21/ws").as_deref(), Some("a!"));
+        assert_eq!(key("/room/caf\u{e9}/ws"), key("/room/caf%C3%A9/ws"));
+        assert_eq!(key("/room/caf%c3%a9/ws").as_deref(), Some("caf\u{e9}"));
     }
 
     #[test]
@@ -381,7 +444,7 @@ mod tests {
         ] {
             let path = normalize_path(raw);
             let m = r.find(None, &path).unwrap();
-            assert_eq!(m.key, Some("lobby"), "{raw}");
+            assert_eq!(m.key.as_deref(), Some("lobby"), "{raw}");
         }
     }
 
@@ -451,7 +514,8 @@ mod tests {
                 let segments = ["room".to_string(), room.clone(), "ws".to_string()];
                 let path = normalize_path(&respell(&segments, &noise)).into_owned();
                 let found = router.find(None, &path);
-                prop_assert_eq!(found.map(|m| m.key), Some(Some(room.as_str())));
+                let key = found.and_then(|m| m.key).map(|k| k.into_owned());
+                prop_assert_eq!(key, Some(room));
             }
         }
     }

@@ -185,3 +185,61 @@ async fn unusual_upgrades_are_refused_or_counted_never_tunnelled_uncounted() {
     drop((held, held_b));
     gw.wait_active("rooms", 0).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backslashes_and_escaped_room_names_are_one_key() {
+    let up = Upstream::start().await;
+    let gw = Wsgate::start(&format!(
+        "routes:\n  - name: registry\n    prefix: /registry\n{u}    limits:\n      total: 1\n\
+         \n  - name: rooms\n    path: /room/{{room}}/ws\n    key: room\n{u}    limits:\n      per_key: 1\n\
+         \n  - name: http\n    prefix: /\n{u}",
+        u = upstream_yaml(up.addr)
+    ))
+    .await;
+
+    // Workers read `\` as `/`: so must wsgate, or these would be counted
+    // under another room or route than the one they reach.
+    let (first, _a) = raw(
+        gw.addr,
+        &format!("GET /room/lobby/ws HTTP/1.1\r\nHost: t\r\n{WS_HEADERS}\r\n"),
+    )
+    .await;
+    assert_eq!(first, 101);
+    let (status, _) = raw(
+        gw.addr,
+        &format!("GET /room/x\\..\\lobby/ws HTTP/1.1\r\nHost: t\r\n{WS_HEADERS}\r\n"),
+    )
+    .await;
+    assert_eq!(status, 503, "a backslash detour to a full room");
+
+    let (first, _b) = raw(
+        gw.addr,
+        &format!("GET /registry/ws HTTP/1.1\r\nHost: t\r\n{WS_HEADERS}\r\n"),
+    )
+    .await;
+    assert_eq!(first, 101);
+    for spelling in ["/registry\\ws", "/room/y\\..\\..\\registry\\ws"] {
+        let (status, _) = raw(
+            gw.addr,
+            &format!("GET {spelling} HTTP/1.1\r\nHost: t\r\n{WS_HEADERS}\r\n"),
+        )
+        .await;
+        assert_eq!(status, 503, "{spelling} reached the registry uncounted");
+    }
+
+    // A room name is counted as the upstream decodes it.
+    let (first, _c) = raw(
+        gw.addr,
+        &format!("GET /room/a!/ws HTTP/1.1\r\nHost: t\r\n{WS_HEADERS}\r\n"),
+    )
+    .await;
+    assert_eq!(first, 101);
+    for spelling in ["/room/a%21/ws", "/room/%61%21/ws"] {
+        let (status, _) = raw(
+            gw.addr,
+            &format!("GET {spelling} HTTP/1.1\r\nHost: t\r\n{WS_HEADERS}\r\n"),
+        )
+        .await;
+        assert_eq!(status, 503, "{spelling}");
+    }
+}

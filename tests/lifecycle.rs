@@ -699,3 +699,42 @@ async fn each_upgraded_stream_is_timed_once_when_it_ends_and_refusals_never() {
     wait_upstream_open(&up, 0).await;
     assert_eq!(durations_counted(&gw, "ws").await, 3.0);
 }
+
+/// Opens a stream with a raw socket that never reads after the 101, so
+/// wsgate's writes to it back up.
+async fn deaf_client(gw: &Wsgate, path: &str) -> tokio::net::TcpStream {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let req = format!(
+        "GET {path} HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head).await.unwrap();
+    assert_eq!(&head, b"HTTP/1.1 101");
+    s
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_cannot_outlive_its_timeouts() {
+    let up = Upstream::start().await;
+    let gw = Wsgate::start(&format!(
+        "routes:\n  - name: life\n    prefix: /life\n{u}    max_lifetime: 2s\n\
+         \n  - name: idle\n    prefix: /idle\n{u}    idle_timeout: 1s\n",
+        u = upstream_yaml(up.addr)
+    ))
+    .await;
+
+    // The upstream floods; the client reads nothing, so writes block.
+    let _life = deaf_client(&gw, "/life/flood").await;
+    let _idle = deaf_client(&gw, "/idle/flood").await;
+    gw.wait_active("life", 0).await;
+    gw.wait_active("idle", 0).await;
+    eventually(
+        Duration::from_secs(10),
+        "upstream sockets closed",
+        || async { (up.open() == 0).then_some(()) },
+    )
+    .await;
+}

@@ -6,6 +6,8 @@
 //! - `/stall`: reads the request and never answers;
 //! - anything else with `Upgrade: websocket`: 101, then echoes every message;
 //!   the text `close-me` makes it close the socket, `reset-me` reset it;
+//!   under `/flood`, it sends 32 MiB in binary messages at once, then
+//!   waits for the client to end the stream;
 //! - anything else: 200 `plain`.
 
 use futures_util::{SinkExt, StreamExt};
@@ -140,7 +142,11 @@ async fn serve(mut stream: TcpStream, counters: Arc<Counters>) {
             counters.upgrades.fetch_add(1, Ordering::SeqCst);
             counters.open.fetch_add(1, Ordering::SeqCst);
             let _guard = OpenGuard(counters.clone());
-            echo(stream).await;
+            if path.starts_with("/flood") {
+                flood(stream).await;
+            } else {
+                echo(stream).await;
+            }
             return;
         }
         let resp = "HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nplain";
@@ -148,6 +154,17 @@ async fn serve(mut stream: TcpStream, counters: Arc<Counters>) {
             return;
         }
     }
+}
+
+async fn flood(stream: TcpStream) {
+    let mut ws = WebSocketStream::from_raw_socket(stream, Role::Server, None).await;
+    let chunk = vec![7u8; 64 * 1024];
+    for _ in 0..512 {
+        if ws.send(Message::binary(chunk.clone())).await.is_err() {
+            return;
+        }
+    }
+    while let Some(Ok(_)) = ws.next().await {}
 }
 
 async fn echo(stream: TcpStream) {
