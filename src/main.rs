@@ -91,6 +91,11 @@ fn run(path: &std::path::Path, upgrade: bool) -> anyhow::Result<std::convert::In
         wsgate::server::build(config, wsgate::server::RunOptions { upgrade })
             .with_context(|| format!("starting with {}", path.display()))?;
     server.bootstrap();
+    // Pingora writes the pid file only when it daemonises; wsgate runs in the
+    // foreground, so it writes the file itself for supervisors and scripts.
+    let pid_file = &server.configuration.pid_file;
+    std::fs::write(pid_file, format!("{}\n", std::process::id()))
+        .with_context(|| format!("writing the pid file {pid_file}"))?;
     tracing::info!(config = %path.display(), routes, ?listeners, %admin, "wsgate starting");
     server.run_forever()
 }

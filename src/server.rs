@@ -49,6 +49,10 @@ pub fn build(config: Config, options: RunOptions) -> anyhow::Result<(Server, Arc
         }
     }
 
+    if !options.upgrade {
+        check_bindable(&config)?;
+    }
+
     let conf = ServerConf {
         threads: config.server.threads,
         pid_file: config.server.pid_file.display().to_string(),
@@ -105,6 +109,28 @@ pub fn build(config: Config, options: RunOptions) -> anyhow::Result<(Server, Arc
     server.add_service(reload);
     server.add_service(sweep);
     Ok((server, gateway))
+}
+
+/// Fails fast when an address cannot be bound. Pingora retries a busy
+/// address for half a minute and then panics in its listener thread, leaving
+/// a process that runs with no listener and looks healthy to a supervisor.
+/// (With `--upgrade` the sockets come from the old process instead.)
+fn check_bindable(config: &Config) -> anyhow::Result<()> {
+    let addresses = config
+        .listeners
+        .iter()
+        .enumerate()
+        .map(|(i, l)| (format!("listen[{i}].address"), l.address.clone()))
+        .chain([("admin.address".to_string(), config.admin.to_string())]);
+    for (field, address) in addresses {
+        if let Err(e) = std::net::TcpListener::bind(address.as_str()) {
+            anyhow::bail!(
+                "{}: {field}: cannot listen on {address}: {e}",
+                config.file.display()
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Forgets refilled rate buckets every few seconds, so their memory follows

@@ -189,3 +189,31 @@ fn help_explains_both_commands() {
     let out = wsgate(&["check", "--help"]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("Validate a config file"));
 }
+
+#[test]
+fn a_busy_address_fails_startup_at_once() {
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = busy.local_addr().unwrap().port();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("busy.yaml");
+    let src = GOOD.replace("127.0.0.1:18080", &format!("127.0.0.1:{port}"));
+    let src = format!(
+        "{src}admin:\n  address: 127.0.0.1:0\nserver:\n  pid_file: {d}/p.pid\n  upgrade_sock: {d}/u.sock\n",
+        d = dir.path().display()
+    );
+    std::fs::write(&path, src).unwrap();
+
+    let started = std::time::Instant::now();
+    let out = wsgate(&["--config", path.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "listen[0].address: cannot listen on 127.0.0.1:{port}"
+        )),
+        "{stderr}"
+    );
+    // Pingora alone would retry for about 30 s and keep running without it.
+    assert!(started.elapsed() < std::time::Duration::from_secs(20));
+    drop(busy);
+}
