@@ -436,11 +436,34 @@ pub const DEFAULT_KEEPALIVE: Keepalive = Keepalive {
 
 /// Reads and validates a config file.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
-    let src = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        file: path.display().to_string(),
-        source,
-    })?;
+    let src = read(path)?;
     parse(path, &src)
+}
+
+/// The largest config file wsgate reads: far above any real one, and small
+/// enough that a file filled by mistake cannot exhaust memory on reload.
+pub const MAX_FILE_BYTES: u64 = 4 * 1024 * 1024;
+
+/// Reads a config file's text, refusing one over [`MAX_FILE_BYTES`].
+pub fn read(path: &Path) -> Result<String, ConfigError> {
+    let file = path.display().to_string();
+    let io = |source| ConfigError::Read {
+        file: file.clone(),
+        source,
+    };
+    let size = std::fs::metadata(path).map_err(io)?.len();
+    if size > MAX_FILE_BYTES {
+        return Err(ConfigError::Invalid(vec![Problem {
+            file: file.clone(),
+            line: None,
+            column: None,
+            field: "(file)".into(),
+            message: format!(
+                "{size} bytes is over the {MAX_FILE_BYTES}-byte limit for a config file"
+            ),
+        }]));
+    }
+    std::fs::read_to_string(path).map_err(io)
 }
 
 /// Validates config text; `path` names it in errors and resolves nothing.

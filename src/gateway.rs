@@ -50,6 +50,8 @@ pub struct Gateway {
     pub table: AdmissionTable,
     pub metrics: Metrics,
     pub rejections: RejectionLog,
+    /// Budget for the warning logged when an upstream fails an upgrade.
+    pub failure_log: RejectionLog,
 }
 
 /// Why a config could not be put in force.
@@ -71,6 +73,7 @@ impl Gateway {
         metrics.apply_config(&config);
         metrics.last_reload_success_time.set(unix_now());
         let rejections = RejectionLog::new(config.rejections_per_second);
+        let failure_log = RejectionLog::new(config.rejections_per_second);
         Ok(Arc::new(Self {
             live: ArcSwap::from_pointee(Snapshot {
                 config,
@@ -79,6 +82,7 @@ impl Gateway {
             table,
             metrics,
             rejections,
+            failure_log,
         }))
     }
 
@@ -95,6 +99,7 @@ impl Gateway {
         self.table.retain_routes(&names);
         self.metrics.apply_config(&config);
         self.rejections.set_rate(config.rejections_per_second);
+        self.failure_log.set_rate(config.rejections_per_second);
         self.live.store(Arc::new(Snapshot { config, routes }));
         Ok(())
     }

@@ -84,7 +84,12 @@ fn check(path: &std::path::Path) -> ExitCode {
 fn run(path: &std::path::Path, upgrade: bool) -> anyhow::Result<std::convert::Infallible> {
     let config = wsgate::config::load(path).map_err(|e| anyhow::anyhow!("{e}"))?;
     let routes = config.routes.len();
-    let listeners: Vec<String> = config.listeners.iter().map(|l| l.address.clone()).collect();
+    let listeners: Vec<&str> = config
+        .listeners
+        .iter()
+        .map(|l| l.address.as_str())
+        .collect();
+    let listeners = listeners.join(",");
     let admin = config.admin;
 
     let (mut server, _gateway) =
@@ -96,7 +101,7 @@ fn run(path: &std::path::Path, upgrade: bool) -> anyhow::Result<std::convert::In
     let pid_file = &server.configuration.pid_file;
     std::fs::write(pid_file, format!("{}\n", std::process::id()))
         .with_context(|| format!("writing the pid file {pid_file}"))?;
-    tracing::info!(config = %path.display(), routes, ?listeners, %admin, "wsgate starting");
+    tracing::info!(config = %path.display(), routes, %listeners, %admin, "wsgate starting");
     server.run_forever()
 }
 

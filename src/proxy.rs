@@ -268,25 +268,37 @@ impl Proxy {
                 error,
             } => {
                 self.count_failure(live, reason);
-                tracing::debug!(route = %route.name, reason = reason.as_str(), answered, error = ?error.map(|e| e.to_string()), "upgrade not completed");
+                let error = error.map_or_else(String::new, |e| e.to_string());
+                if reason == UpstreamFailure::Status {
+                    // The upstream's own answer: its decision, not a fault.
+                    tracing::debug!(route = %route.name, answered, "upstream declined the upgrade");
+                } else if let Some(suppressed) = self.gateway.failure_log.admit_line() {
+                    tracing::warn!(
+                        route = %route.name,
+                        reason = reason.as_str(),
+                        answered,
+                        %error,
+                        suppressed,
+                        "upstream failed the upgrade"
+                    );
+                }
             }
             Outcome::Ended(end) => {
-                tracing::debug!(route = %route.name, ?end, "stream ended");
+                tracing::debug!(route = %route.name, end = end.as_str(), "stream ended");
             }
         }
         ctx.stream = None;
     }
 
     fn log_refusal(&self, route: &config::Route, client: &Client, scope: Scope, dry_run: bool) {
-        if let Some(suppressed) = self.gateway.rejections.admit_line() {
-            tracing::info!(
-                route = %route.name,
-                client = %client.addr,
-                scope = scope.as_str(),
-                dry_run,
-                suppressed,
-                "upgrade refused"
-            );
+        let Some(suppressed) = self.gateway.rejections.admit_line() else {
+            return;
+        };
+        let (route, client, scope) = (&route.name, client.addr, scope.as_str());
+        if dry_run {
+            tracing::info!(%route, %client, scope, dry_run, suppressed, "upgrade would be refused (dry run: admitted)");
+        } else {
+            tracing::info!(%route, %client, scope, dry_run, suppressed, "upgrade refused");
         }
     }
 

@@ -54,6 +54,19 @@ pub enum End {
     MaxLifetime,
 }
 
+impl End {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            End::ClientClosed => "client_closed",
+            End::UpstreamClosed => "upstream_closed",
+            End::ClientError => "client_error",
+            End::UpstreamError => "upstream_error",
+            End::IdleTimeout => "idle_timeout",
+            End::MaxLifetime => "max_lifetime",
+        }
+    }
+}
+
 /// A turning point the caller acts on while the stream is still running.
 #[derive(Debug, Clone, Copy)]
 pub enum Phase {

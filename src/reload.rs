@@ -51,37 +51,34 @@ pub enum ReloadError {
 pub struct Reloader {
     path: PathBuf,
     gateway: Arc<Gateway>,
-    /// The text of the last file read, so a directory event that did not
+    /// A hash of the last file read, so a directory event that did not
     /// change the file does not reload it. Also serialises reloads.
-    last_text: Mutex<Option<String>>,
+    last_read: Mutex<Option<u64>>,
 }
 
 impl Reloader {
     pub fn new(path: PathBuf, gateway: Arc<Gateway>) -> Self {
-        let text = std::fs::read_to_string(&path).ok();
+        let seen = config::read(&path).ok().map(|t| digest(&t));
         Self {
             path,
             gateway,
-            last_text: Mutex::new(text),
+            last_read: Mutex::new(seen),
         }
     }
 
     /// Reads, validates and applies the file. With `FileChange`, a file
     /// whose text did not change since the last read is left alone.
     pub fn reload(&self, trigger: Trigger) -> Result<(), ReloadError> {
-        let mut last = self.last_text.lock().unwrap_or_else(|e| e.into_inner());
-        let text = std::fs::read_to_string(&self.path).map_err(|source| ConfigError::Read {
-            file: self.path.display().to_string(),
-            source,
-        });
+        let mut last = self.last_read.lock().unwrap_or_else(|e| e.into_inner());
+        let text = config::read(&self.path);
         if let (Trigger::FileChange, Ok(text)) = (trigger, &text) {
-            if last.as_deref() == Some(text.as_str()) {
+            if *last == Some(digest(text)) {
                 return Ok(());
             }
         }
 
         let result = text.map_err(ReloadError::from).and_then(|text| {
-            *last = Some(text.clone());
+            *last = Some(digest(&text));
             let new = config::parse(&self.path, &text)?;
             let running = self.gateway.snapshot();
             if let Some(field) = needs_restart(&running.config, &new) {
@@ -113,6 +110,13 @@ impl Reloader {
             }
         }
     }
+}
+
+fn digest(text: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    text.hash(&mut h);
+    h.finish()
 }
 
 /// The first field that differs between `old` and `new` and cannot change

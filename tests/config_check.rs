@@ -217,3 +217,14 @@ fn a_busy_address_fails_startup_at_once() {
     assert!(started.elapsed() < std::time::Duration::from_secs(20));
     drop(busy);
 }
+
+#[test]
+fn an_oversized_file_is_refused_without_reading_it_whole() {
+    let padding = "# padding\n".repeat(500_000);
+    let (code, _, stderr) = check(&format!("{GOOD}{padding}"));
+    assert_eq!(code, 1);
+    assert!(
+        stderr.starts_with("bad.yaml: (file): 5") && stderr.contains("limit for a config file"),
+        "{stderr}"
+    );
+}
