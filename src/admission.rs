@@ -684,6 +684,28 @@ mod tests {
     }
 
     #[test]
+    fn a_panic_while_a_permit_is_held_gives_its_slots_back() {
+        // A panic in a request's handling unwinds its task, dropping the
+        // request context and the permit in it (wsgate never builds with
+        // panic = "abort" for this reason).
+        let table = AdmissionTable::new();
+        let route = table.route("r");
+        let limits = RouteLimits {
+            total: Some(1),
+            per_key: Some(1),
+            per_client: Some(1),
+        };
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let _permit = admitted(table.admit(&route, &ask(limits, Some("k"), 1)));
+            panic!("handler bug");
+        }));
+        assert!(result.is_err());
+        assert_eq!(route.live(), 0);
+        assert_eq!(route.keys().tracked(), 0);
+        let _again = admitted(table.admit(&route, &ask(limits, Some("k"), 1)));
+    }
+
+    #[test]
     fn removed_routes_are_kept_while_streams_live() {
         let table = AdmissionTable::new();
         let route = table.route("old");

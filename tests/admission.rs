@@ -167,7 +167,11 @@ async fn a_refusal_is_answered_by_wsgate_and_never_reaches_the_upstream() {
     assert!(String::from_utf8_lossy(&all).starts_with("HTTP/1.1 503"));
 
     let pid = std::fs::read_to_string(gw.dir.path().join("wsgate.pid")).unwrap();
-    assert_eq!(pid.trim(), gw.pid().to_string(), "the pid file names the process");
+    assert_eq!(
+        pid.trim(),
+        gw.pid().to_string(),
+        "the pid file names the process"
+    );
 
     let log = gw.log();
     assert!(
