@@ -1176,4 +1176,43 @@ routes:
         let got = errors(&src);
         assert!(got[0].contains("client_ip.trusted_proxies"), "{got:?}");
     }
+
+    /// Fuzzing of the loader: arbitrary text and damaged copies of a good
+    /// file are refused with problems, never a panic. Deeper runs:
+    /// `PROPTEST_CASES=200000 cargo test --release --lib fuzz`.
+    mod fuzz {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #[test]
+            fn fuzz_config_arbitrary_text_never_panics(text in "\\PC{0,400}") {
+                let _ = parse(Path::new("f.yaml"), &text);
+            }
+
+            #[test]
+            fn fuzz_config_damaged_files_never_panic(
+                edits in prop::collection::vec((any::<prop::sample::Index>(), "[ -~\\n]{0,6}", 0usize..6), 1..8),
+            ) {
+                let mut text = GOOD.to_string();
+                for (at, insert, remove) in edits {
+                    let mut i = at.index(text.len() + 1);
+                    while !text.is_char_boundary(i) {
+                        i -= 1;
+                    }
+                    let mut end = (i + remove).min(text.len());
+                    while !text.is_char_boundary(end) {
+                        end -= 1;
+                    }
+                    text.replace_range(i..end, &insert);
+                }
+                if let Err(e) = parse(Path::new("f.yaml"), &text) {
+                    for line in e.problems() {
+                        prop_assert!(line.starts_with("f.yaml"), "{}", line);
+                        prop_assert!(!line.contains('\n'));
+                    }
+                }
+            }
+        }
+    }
 }

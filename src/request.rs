@@ -152,4 +152,65 @@ mod tests {
             Kind::BadUpgrade(_)
         ));
     }
+
+    /// Fuzzing of request-head handling: whatever the method, version and
+    /// headers, classification, path normalisation, routing and client
+    /// identification answer without panicking. Deeper runs:
+    /// `PROPTEST_CASES=200000 cargo test --release --lib fuzz`.
+    mod fuzz {
+        use super::*;
+        use crate::client::{ClientPolicy, ForwardHeader};
+        use crate::route::{normalize_path, Matcher, PathMatch, Pattern, Router};
+        use proptest::prelude::*;
+
+        fn header_name() -> impl Strategy<Value = &'static str> {
+            prop::sample::select(vec![
+                "upgrade",
+                "connection",
+                "content-length",
+                "transfer-encoding",
+                "x-forwarded-for",
+                "cf-connecting-ip",
+                "x-real-ip",
+                "host",
+            ])
+        }
+
+        proptest! {
+            #[test]
+            fn fuzz_heads_never_panic(
+                method in prop::sample::select(vec!["GET", "POST", "CONNECT", "OPTIONS", "BREW"]),
+                v10 in any::<bool>(),
+                headers in prop::collection::vec((header_name(), prop::collection::vec(any::<u8>(), 0..40)), 0..8),
+                path in prop::collection::vec(any::<u8>(), 0..80),
+            ) {
+                let mut map = HeaderMap::new();
+                for (name, value) in headers {
+                    if let Ok(v) = http::HeaderValue::from_bytes(&value) {
+                        map.append(name, v);
+                    }
+                }
+                let method = Method::from_bytes(method.as_bytes()).unwrap();
+                let version = if v10 { Version::HTTP_10 } else { Version::HTTP_11 };
+                let _ = classify_parts(&method, version, &map);
+
+                let path = String::from_utf8_lossy(&path);
+                let normal = normalize_path(&path);
+                let rooms = Pattern::parse("/room/{room}/ws").unwrap();
+                let key = rooms.param_index("room");
+                let router = Router::new(vec![Matcher { host: Some("*.example.com".into()), path: PathMatch::Pattern(rooms), key }]);
+                let host = map.get("host").and_then(|h| h.to_str().ok());
+                let _ = router.find(host, &normal);
+
+                for header in [ForwardHeader::XForwardedFor, ForwardHeader::CfConnectingIp, ForwardHeader::XRealIp] {
+                    let policy = ClientPolicy {
+                        header: Some(header),
+                        trusted: vec!["0.0.0.0/0".parse().unwrap(), "::/0".parse().unwrap()],
+                        ..Default::default()
+                    };
+                    let _ = policy.identify("127.0.0.1".parse().unwrap(), &map);
+                }
+            }
+        }
+    }
 }

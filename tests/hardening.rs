@@ -243,3 +243,60 @@ async fn backslashes_and_escaped_room_names_are_one_key() {
         assert_eq!(status, 503, "{spelling}");
     }
 }
+
+/// Damaged request heads, sent raw: wsgate answers or closes each, never
+/// panics or leaks a slot, and keeps serving. Deeper runs:
+/// `FUZZ_CASES=20000 cargo test --release --test hardening fuzz`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fuzzed_request_heads_never_break_the_gateway() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let cases: u64 = std::env::var("FUZZ_CASES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(300);
+    let up = Upstream::start().await;
+    let gw = Wsgate::start(&format!(
+        "routes:\n  - name: rooms\n    path: /room/{{room}}/ws\n    key: room\n{u}    limits:\n      per_key: 2\n\
+         \n  - name: http\n    prefix: /\n{u}",
+        u = upstream_yaml(up.addr)
+    ))
+    .await;
+
+    let good = format!(
+        "GET /room/a/ws?x=1 HTTP/1.1\r\nHost: t\r\nX-Forwarded-For: 1.2.3.4\r\n{WS_HEADERS}\r\n"
+    );
+    let mut seed = 0x9e3779b97f4a7c15u64;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    for _ in 0..cases {
+        let mut head = good.clone().into_bytes();
+        for _ in 0..1 + next() % 6 {
+            let at = (next() as usize) % head.len();
+            match next() % 3 {
+                0 => head[at] = next() as u8,
+                1 => head.insert(at, b"\r\n:/%\\. \x00\x7fa"[(next() % 11) as usize]),
+                _ => {
+                    head.remove(at);
+                }
+            }
+        }
+        let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+        let _ = s.write_all(&head).await;
+        let mut buf = [0u8; 512];
+        // An answer, a close, or (for a head left incomplete) silence.
+        let _ = tokio::time::timeout(std::time::Duration::from_millis(200), s.read(&mut buf)).await;
+    }
+
+    gw.wait_active("rooms", 0).await;
+    let (status, _) = http_get(gw.admin, "/healthz", &[])
+        .await
+        .expect("admin answers");
+    assert_eq!(status, 200);
+    let mut ws = connect(&gw.url("/room/after/ws")).await.into_open();
+    echo(&mut ws, "still serving").await;
+    assert!(!gw.log().contains("panicked"), "{}", gw.log());
+}
