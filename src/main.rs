@@ -6,6 +6,12 @@ use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+/// jemalloc hands the memory of ended streams back to the system, where
+/// glibc's malloc keeps it and grows again with the next burst (measured by
+/// the soak test and the benchmarks).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// wsgate: an admission gateway for WebSocket upstreams.
 ///
 /// Counts live upgraded streams per route, per route key and per client, and
