@@ -1,0 +1,274 @@
+#!/usr/bin/env bash
+# Benchmarks wsgate beside nginx and HAProxy, all in one run on loopback,
+# and writes the results table to docs/benchmarks.md.
+#
+# Targets, interleaved in every repeat: `direct` (the echo upstream itself),
+# `wsgate`, `nginx` (limit_conn) and `haproxy` (stick-table conn_cur). Every
+# proxy gets the same limits: route /ws 10,000 streams and 10 per client,
+# route /burst 100 streams and 10 per client, 503 with Retry-After over them.
+# Each proxy is started fresh for each repeat and stopped by its PID.
+#
+# Measured per target and repeat, with examples/wsload.rs:
+#   hold   HELD streams opened over loopback sources, held HOLD; RSS of the
+#          proxy processes at baseline, held and after close
+#   rate   upgrade+close per second from RATE_CONC tasks for RATE_SECS
+#   echo   ECHO_CONNS connections echoing 64 B and 16 KiB messages
+#   burst  BURST_N upgrades at once against /burst (route limit 100) and 50
+#          from one client (client limit 10): 101s must be exactly the limit
+#
+# Usage: bench/run.sh            (as root on Debian, for apt-get)
+# Knobs: HELD=4900 REPEATS=3 HOLD=3s ECHO_SECS=5s RATE_SECS=5s OUT=docs/benchmarks.md
+set -euo pipefail
+
+HELD=${HELD:-4900}
+REPEATS=${REPEATS:-3}
+HOLD=${HOLD:-3s}
+ECHO_CONNS=${ECHO_CONNS:-50}
+ECHO_SECS=${ECHO_SECS:-5s}
+RATE_SECS=${RATE_SECS:-5s}
+RATE_CONC=${RATE_CONC:-32}
+BURST_N=${BURST_N:-300}
+OUT=${OUT:-docs/benchmarks.md}
+
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
+WORK=$(mktemp -d /tmp/wsgate-bench.XXXXXX)
+RESULTS=$WORK/results.jsonl
+# The processes this script started and has not stopped yet.
+UP_PID=""
+PID=""
+
+log() { echo "[bench $(date +%T)] $*" >&2; }
+
+# Stops one process we started: SIGTERM, then SIGKILL after 10 s.
+stop_pid() {
+    local pid=$1
+    kill -TERM "$pid" 2>/dev/null || return 0
+    for _ in $(seq 100); do
+        kill -0 "$pid" 2>/dev/null || { wait "$pid" 2>/dev/null || true; return 0; }
+        sleep 0.1
+    done
+    kill -KILL "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+}
+
+cleanup() {
+    [ -n "$PID" ] && stop_pid "$PID"
+    [ -n "$UP_PID" ] && stop_pid "$UP_PID"
+    return 0
+}
+trap cleanup EXIT
+
+free_port() {
+    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+
+# Waits up to 10 s for a TCP listener on 127.0.0.1:$1.
+wait_port() {
+    for _ in $(seq 100); do
+        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+        sleep 0.1
+    done
+    log "nothing listens on port $1"
+    return 1
+}
+
+# PID and its children (nginx's workers), comma-separated.
+pid_tree() {
+    local pids=$1 child
+    for child in $(cat "/proc/$1/task/$1/children" 2>/dev/null); do
+        pids="$pids,$child"
+    done
+    echo "$pids"
+}
+
+# --- install -----------------------------------------------------------------
+if ! command -v nginx >/dev/null || ! command -v haproxy >/dev/null; then
+    log "installing nginx and haproxy from Debian's packages"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light haproxy \
+        || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx haproxy
+fi
+NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+HAPROXY=$(command -v haproxy || echo /usr/sbin/haproxy)
+
+log "building (release)"
+cargo build --release --bin wsgate --example wsload --example echo_upstream >&2
+WSGATE=$TARGET_DIR/release/wsgate
+WSLOAD=$TARGET_DIR/release/examples/wsload
+ECHO=$TARGET_DIR/release/examples/echo_upstream
+
+# --- configs -----------------------------------------------------------------
+UP=$(free_port)
+WG=$(free_port); WG_ADMIN=$(free_port); NG=$(free_port); HA=$(free_port)
+
+cat >"$WORK/wsgate.yaml" <<EOF
+listen:
+  - address: 127.0.0.1:$WG
+admin:
+  address: 127.0.0.1:$WG_ADMIN
+server:
+  threads: 2
+  pid_file: $WORK/wsgate.pid
+  upgrade_sock: $WORK/wsgate.sock
+  grace_period: 1s
+routes:
+  - name: burst
+    prefix: /burst
+    upstream: { url: "http://127.0.0.1:$UP" }
+    limits: { total: 100, per_client: 10 }
+    reject: { status: 503, retry_after: 5s }
+  - name: ws
+    prefix: /ws
+    upstream: { url: "http://127.0.0.1:$UP" }
+    limits: { total: 10000, per_client: 10 }
+    reject: { status: 503, retry_after: 5s }
+EOF
+
+mkdir -p "$WORK/nginx/logs"
+cat >"$WORK/nginx.conf" <<EOF
+worker_processes 2;
+worker_rlimit_nofile 12000;
+pid $WORK/nginx/nginx.pid;
+error_log $WORK/nginx/logs/error.log error;
+events { worker_connections 12000; }
+http {
+    access_log off;
+    client_body_temp_path $WORK/nginx/tmp;
+    proxy_temp_path $WORK/nginx/tmp;
+    map \$uri \$ws_route { ~^/burst burst; default ws; }
+    limit_conn_zone \$ws_route zone=route_ws:1m;
+    limit_conn_zone \$ws_route zone=route_burst:1m;
+    limit_conn_zone \$binary_remote_addr zone=client_ws:10m;
+    limit_conn_zone \$binary_remote_addr zone=client_burst:10m;
+    limit_conn_status 503;
+    upstream echo { server 127.0.0.1:$UP; }
+    server {
+        listen 127.0.0.1:$NG;
+        proxy_http_version 1.1;
+        proxy_set_header Upgrade \$http_upgrade;
+        proxy_set_header Connection "upgrade";
+        proxy_read_timeout 1h;
+        proxy_send_timeout 1h;
+        error_page 503 @over;
+        location /ws { limit_conn route_ws 10000; limit_conn client_ws 10; proxy_pass http://echo; }
+        location /burst { limit_conn route_burst 100; limit_conn client_burst 10; proxy_pass http://echo; }
+        location @over { add_header Retry-After 5 always; return 503 "over limit\n"; }
+    }
+}
+EOF
+
+cat >"$WORK/haproxy.cfg" <<EOF
+global
+    maxconn 9500
+    nbthread 2
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+    timeout tunnel 1h
+    timeout http-request 10s
+frontend fe
+    bind 127.0.0.1:$HA
+    maxconn 9500
+    acl burst path_beg /burst
+    http-request track-sc0 src table t_client_burst if burst
+    http-request track-sc1 str(burst) table t_route_burst if burst
+    http-request track-sc0 src table t_client_ws if !burst
+    http-request track-sc1 str(ws) table t_route_ws if !burst
+    http-request return status 503 hdr Retry-After 5 content-type text/plain string "over limit" if { sc0_conn_cur gt 10 }
+    http-request return status 503 hdr Retry-After 5 content-type text/plain string "over limit" if burst { sc1_conn_cur gt 100 }
+    http-request return status 503 hdr Retry-After 5 content-type text/plain string "over limit" if !burst { sc1_conn_cur gt 10000 }
+    default_backend echo
+backend echo
+    server up 127.0.0.1:$UP
+backend t_client_ws
+    stick-table type ip size 100k expire 1h store conn_cur
+backend t_client_burst
+    stick-table type ip size 100k expire 1h store conn_cur
+backend t_route_ws
+    stick-table type string len 16 size 10 expire 1h store conn_cur
+backend t_route_burst
+    stick-table type string len 16 size 10 expire 1h store conn_cur
+EOF
+
+"$WSGATE" check --config "$WORK/wsgate.yaml" >&2
+"$NGINX" -t -q -c "$WORK/nginx.conf" -p "$WORK/nginx" -e "$WORK/nginx/logs/error.log"
+"$HAPROXY" -c -q -f "$WORK/haproxy.cfg"
+
+# --- processes ---------------------------------------------------------------
+"$ECHO" "127.0.0.1:$UP" >"$WORK/echo.log" 2>&1 &
+UP_PID=$!
+wait_port "$UP"
+
+# Starts one target in the foreground of a background job; sets PORT, PID, PIDS.
+start_target() {
+    case $1 in
+        direct) PORT=$UP; PID=""; PIDS=$UP_PID; return ;;
+        wsgate) PORT=$WG
+            WSGATE_LOG=warn "$WSGATE" --config "$WORK/wsgate.yaml" >>"$WORK/wsgate.log" 2>&1 &
+            PID=$! ;;
+        nginx) PORT=$NG
+            "$NGINX" -c "$WORK/nginx.conf" -p "$WORK/nginx" -e "$WORK/nginx/logs/error.log" \
+                -g 'daemon off;' >>"$WORK/nginx.log" 2>&1 &
+            PID=$! ;;
+        haproxy) PORT=$HA
+            "$HAPROXY" -db -f "$WORK/haproxy.cfg" >>"$WORK/haproxy.log" 2>&1 &
+            PID=$! ;;
+    esac
+    wait_port "$PORT"
+    sleep 0.5
+    PIDS=$(pid_tree "$PID")
+}
+
+stop_target() {
+    [ -n "$PID" ] && stop_pid "$PID"
+    PID=""
+    # Let sockets in FIN_WAIT and the upstream's tasks drain before the next target.
+    sleep 1
+}
+
+# Runs wsload and tags its JSON line with target, repeat and case.
+load() {
+    local target=$1 repeat=$2 case=$3
+    shift 3
+    "$WSLOAD" "$@" | jq -c --arg t "$target" --arg c "$case" --argjson r "$repeat" \
+        '. + {target: $t, case: $c, repeat: $r}' >>"$RESULTS"
+}
+
+# --- runs --------------------------------------------------------------------
+BEGAN=$(date +%s)
+for repeat in $(seq "$REPEATS"); do
+    for target in direct wsgate nginx haproxy; do
+        log "repeat $repeat/$REPEATS: $target"
+        start_target "$target"
+        url="ws://127.0.0.1:$PORT"
+        load "$target" "$repeat" hold hold "$url/ws" -n "$HELD" --hold "$HOLD" --pids "$PIDS"
+        load "$target" "$repeat" rate rate "$url/ws" -c "$RATE_CONC" --duration "$RATE_SECS"
+        load "$target" "$repeat" echo64 echo "$url/ws" -c "$ECHO_CONNS" --size 64 --duration "$ECHO_SECS"
+        load "$target" "$repeat" echo16k echo "$url/ws" -c "$ECHO_CONNS" --size 16384 --duration "$ECHO_SECS"
+        load "$target" "$repeat" burst_route burst "$url/burst" -n "$BURST_N" --per-source 10
+        sleep 0.5
+        load "$target" "$repeat" burst_client burst "$url/burst" -n 50 --per-source 50
+        stop_target
+    done
+done
+ELAPSED=$(( $(date +%s) - BEGAN ))
+
+log "microbenchmarks (cargo bench --bench admission)"
+cargo bench --bench admission -- --warm-up-time 0.5 --measurement-time 1.5 >"$WORK/micro.txt"
+
+# --- report ------------------------------------------------------------------
+MACHINE=$(printf '%s\n' "$(nproc) cores: $(lscpu | sed -n 's/^Model name: *//p' | head -1)" \
+    "$(free -h | sed -n 2p | awk '{print "memory: " $2}')" "$(uname -srm)" \
+    "$(. /etc/os-release && echo "$PRETTY_NAME")" \
+    "$("$NGINX" -v 2>&1)" "$("$HAPROXY" -v | head -1)" "$(rustc --version)")
+
+python3 "$ROOT/bench/report.py" "$RESULTS" "$OUT" \
+    --machine "$MACHINE" --elapsed "$ELAPSED" --micro "$WORK/micro.txt" \
+    --params "HELD=$HELD REPEATS=$REPEATS HOLD=$HOLD ECHO_CONNS=$ECHO_CONNS ECHO_SECS=$ECHO_SECS RATE_SECS=$RATE_SECS RATE_CONC=$RATE_CONC BURST_N=$BURST_N" \
+    --config "wsgate.yaml=$WORK/wsgate.yaml" --config "nginx.conf=$WORK/nginx.conf" \
+    --config "haproxy.cfg=$WORK/haproxy.cfg"
+log "wrote $OUT in ${ELAPSED}s of runs; raw results in $RESULTS"
