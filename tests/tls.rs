@@ -39,7 +39,7 @@ use tokio_rustls::{LazyConfigAcceptor, TlsConnector};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::Role;
-use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tokio_tungstenite::tungstenite::Error as WsError;
 use tokio_tungstenite::{client_async, WebSocketStream};
 
 /// The name the test upstream's certificate is issued for.
@@ -186,26 +186,6 @@ async fn wss(
         }
         Err(e) => panic!("handshake failed: {e}"),
     }
-}
-
-/// Sends a text message on any WebSocket and waits for its echo.
-async fn echo_on<S>(ws: &mut WebSocketStream<S>, text: &str)
-where
-    S: AsyncRead + tokio::io::AsyncWrite + Unpin,
-{
-    ws.send(Message::text(text)).await.expect("send");
-    let reply = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            match ws.next().await {
-                Some(Ok(Message::Text(t))) => return t.to_string(),
-                Some(Ok(_)) => continue,
-                other => panic!("no echo: {other:?}"),
-            }
-        }
-    })
-    .await
-    .expect("echo within 10 s");
-    assert_eq!(reply, text);
 }
 
 /// A plain GET over TLS: status and body.
@@ -398,7 +378,7 @@ async fn a_tls_listener_admits_counts_and_refuses_like_plain_tcp() {
         assert_eq!(headers["retry-after"], "5");
     }
     for ws in open.iter_mut() {
-        echo_on(ws.as_mut().unwrap(), "over tls").await;
+        echo(ws.as_mut().unwrap(), "over tls").await;
     }
     assert_eq!(up.upgrades(), 4, "refusals reached the upstream");
     let m = gw.metrics().await;
@@ -418,7 +398,7 @@ async fn a_tls_listener_admits_counts_and_refuses_like_plain_tcp() {
     drop(open.pop());
     gw.wait_active("relay", 3).await;
     let mut again = wss(gw.addr, &pki, "/ws").await.expect("a slot came back");
-    echo_on(&mut again, "again").await;
+    echo(&mut again, "again").await;
 
     drop((open, again));
     gw.wait_active("relay", 0).await;
@@ -441,7 +421,7 @@ async fn a_tls_upstream_gets_the_routes_sni_ca_and_host() {
     .await;
 
     let mut ws = connect(&gw.url("/ws")).await.into_open();
-    echo_on(&mut ws, "through tls").await;
+    echo(&mut ws, "through tls").await;
     assert_eq!(up.upgrades(), 1);
     gw.wait_active("secure", 1).await;
     let head = up.heads().pop().unwrap();
@@ -495,7 +475,7 @@ async fn an_upstream_certificate_that_does_not_verify_is_a_tls_failure() {
     // certificate must not be served by them.
     for name in ["no-verify", "good"] {
         let mut ws = connect(&gw.url(&format!("/{name}/ws"))).await.into_open();
-        echo_on(&mut ws, name).await;
+        echo(&mut ws, name).await;
         let plain = http_get(gw.addr, &format!("/{name}/plain"), &[]).await;
         assert_eq!(plain, Some((200, "plain".into())), "{name}");
         drop(ws);

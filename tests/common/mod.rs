@@ -377,8 +377,12 @@ pub async fn connect(url: &str) -> Attempt {
     connect_from("127.0.0.1".parse().unwrap(), url, &[]).await
 }
 
-/// Sends a text message and waits for its echo.
-pub async fn echo(ws: &mut Ws, text: &str) {
+/// Sends a text message on any WebSocket (plain or TLS) and waits for its
+/// echo.
+pub async fn echo<S>(ws: &mut WebSocketStream<S>, text: &str)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     ws.send(Message::text(text)).await.expect("send");
     let reply = tokio::time::timeout(Duration::from_secs(10), async {
         loop {
