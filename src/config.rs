@@ -870,6 +870,22 @@ impl Checker<'_> {
         let rate = self.rate(&at("rate"), r.rate);
         let upstream = self.upstream(&at("upstream"), r.upstream);
         let host = r.host.map(|h| h.trim_end_matches('.').to_ascii_lowercase());
+        if let Some(h) = &host {
+            // One leading wildcard label at most: `*.example.com`.
+            let rest = h.strip_prefix("*.").unwrap_or(h);
+            let valid = !rest.is_empty()
+                && rest
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-.:[]".contains(c));
+            if !valid {
+                let raw = h.as_str();
+                self.problem(
+                    self.line_of("host", raw, 0),
+                    at("host"),
+                    format!("`{raw}` is not a host name (one leading `*.` wildcard at most)"),
+                );
+            }
+        }
 
         let route = Route {
             name: Arc::from(r.name.as_str()),
@@ -972,7 +988,7 @@ impl Checker<'_> {
                 self.problem(
                     line,
                     format!("{at}.url"),
-                    format!("`{}` needs a scheme: http:// or https://", u.url),
+                    format!("`{}`: the scheme must be http:// or https://", u.url),
                 );
                 return None;
             }
@@ -1168,6 +1184,22 @@ routes:
         );
         let bad = src.replace("per_second: 0.5", "per_second: 0");
         assert!(errors(&bad)[0].contains("routes[0].rate.per_second: must be a number above 0"));
+    }
+
+    #[test]
+    fn hosts_take_one_leading_wildcard_at_most() {
+        let with_host = |h: &str| {
+            GOOD.replace(
+                "  - name: rooms\n",
+                &format!("  - name: rooms\n    host: \"{h}\"\n"),
+            )
+        };
+        assert!(parse(Path::new("t.yaml"), &with_host("*.example.com")).is_ok());
+        assert!(parse(Path::new("t.yaml"), &with_host("relay.example.com")).is_ok());
+        for bad in ["*.*.example.com", "a.*.example.com", "*", "ex ample.com"] {
+            let got = errors(&with_host(bad));
+            assert!(got[0].contains("routes[0].host"), "{bad}: {got:?}");
+        }
     }
 
     #[test]
