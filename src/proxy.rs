@@ -121,33 +121,7 @@ impl ProxyHttp for Proxy {
             .and_then(|a| a.as_inet())
             .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), SocketAddr::ip);
         let client = snapshot.config.client.identify(peer, &req.headers);
-        let config = &snapshot.config;
-        let route = &live.route;
-        // Overrides match the client's own address; counting uses its key.
-        let mut limits = route.limits;
-        limits.per_client = route
-            .overrides
-            .per_client(client.addr)
-            .or(limits.per_client);
-        limits.per_key = found
-            .key
-            .as_deref()
-            .and_then(|k| route.overrides.per_key(k))
-            .or(limits.per_key);
-        let ask = Ask {
-            limits,
-            global_per_client: config
-                .global_overrides
-                .per_client(client.addr)
-                .or(config.global_per_client),
-            key: found.key.as_deref(),
-            client: client.key,
-            client_exempt: client.exempt,
-            rate: route.rate,
-            global_rate: config.global_rate,
-            dry_run: route.dry_run,
-            tracking: config.tracking,
-        };
+        let ask = ask_for(&snapshot.config, &live.route, found.key.as_deref(), &client);
 
         match self.gateway.table.admit(&live.slots, &ask) {
             Admission::Admitted {
@@ -168,11 +142,7 @@ impl ProxyHttp for Proxy {
             Admission::Refused(scope) => {
                 live.rejected(scope, false).inc();
                 self.log_refusal(&live.route, &client, scope, false);
-                let wait = refusal::retry_after(route.retry_after, route.retry_after_jitter);
-                let (head, body) = refusal::response(route.reject_status, wait, &route.name, scope);
-                session.set_keepalive(None);
-                session.write_response_header(Box::new(head), false).await?;
-                session.write_response_body(Some(body), true).await?;
+                refuse(session, &live.route, scope).await?;
                 return Ok(true);
             }
         }
@@ -309,6 +279,49 @@ impl Proxy {
             .with_label_values(&[&live.route.name, reason.as_str()])
             .inc();
     }
+}
+
+/// What admission is asked for one upgrade: the route's limits with any
+/// override for this client (matched on its own address) or this key, and
+/// the client's counting identity.
+fn ask_for<'a>(
+    config: &config::Config,
+    route: &config::Route,
+    key: Option<&'a str>,
+    client: &Client,
+) -> Ask<'a> {
+    let mut limits = route.limits;
+    limits.per_client = route
+        .overrides
+        .per_client(client.addr)
+        .or(limits.per_client);
+    limits.per_key = key
+        .and_then(|k| route.overrides.per_key(k))
+        .or(limits.per_key);
+    let global_per_client = config
+        .global_overrides
+        .per_client(client.addr)
+        .or(config.global_per_client);
+    Ask {
+        limits,
+        global_per_client,
+        key,
+        client: client.key,
+        client_exempt: client.exempt,
+        rate: route.rate,
+        global_rate: config.global_rate,
+        dry_run: route.dry_run,
+        tracking: config.tracking,
+    }
+}
+
+/// Answers an upgrade over a limit and closes the connection.
+async fn refuse(session: &mut Session, route: &config::Route, scope: Scope) -> Result<()> {
+    let wait = refusal::retry_after(route.retry_after, route.retry_after_jitter);
+    let (head, body) = refusal::response(route.reject_status, wait, &route.name, scope);
+    session.set_keepalive(None);
+    session.write_response_header(Box::new(head), false).await?;
+    session.write_response_body(Some(body), true).await
 }
 
 /// The peer for a route's upstream, with its timeouts and TLS settings.
