@@ -265,6 +265,18 @@ impl<K: Hash + Eq + Clone> KeyedCounter<K> {
         self.shard(key).get(key).copied().unwrap_or(0)
     }
 
+    /// The highest count of any one key (0 when none is tracked).
+    pub fn max(&self) -> u32 {
+        self.shards
+            .iter()
+            .map(|shard| {
+                let shard = shard.lock().unwrap_or_else(|e| e.into_inner());
+                shard.values().copied().max().unwrap_or(0)
+            })
+            .max()
+            .unwrap_or(0)
+    }
+
     /// The `n` keys with the highest counts, highest first.
     pub fn busiest(&self, n: usize) -> Vec<(K, u32)> {
         let mut all: Vec<(K, u32)> = Vec::new();

@@ -46,6 +46,7 @@ pub struct Metrics {
     pub upstream_failures: IntCounterVec,
     limits: IntGaugeVec,
     tracked_keys: IntGaugeVec,
+    busiest: IntGaugeVec,
     tracked_global: IntGauge,
     pub reloads: IntCounterVec,
     pub last_reload_success: IntGauge,
@@ -123,6 +124,14 @@ impl Metrics {
             &["route", "scope"],
         )
         .expect("valid metric");
+        let busiest = IntGaugeVec::new(
+            Opts::new(
+                "wsgate_streams_busiest",
+                "Live streams of the busiest key (room, client) per route and scope, to compare with its limit.",
+            ),
+            &["route", "scope"],
+        )
+        .expect("valid metric");
         let tracked_global = IntGauge::new(
             "wsgate_tracked_global_clients",
             "Clients holding a slot under the global per-client limit.",
@@ -152,6 +161,7 @@ impl Metrics {
             Box::new(upstream_failures.clone()),
             Box::new(limits.clone()),
             Box::new(tracked_keys.clone()),
+            Box::new(busiest.clone()),
             Box::new(tracked_global.clone()),
             Box::new(reloads.clone()),
             Box::new(last_reload_success.clone()),
@@ -173,6 +183,7 @@ impl Metrics {
             upstream_failures,
             limits,
             tracked_keys,
+            busiest,
             tracked_global,
             reloads,
             last_reload_success,
@@ -207,6 +218,7 @@ impl Metrics {
     pub fn render(&self, table: &AdmissionTable) -> String {
         self.streams_active.reset();
         self.tracked_keys.reset();
+        self.busiest.reset();
         for (name, slots) in table.routes() {
             self.streams_active
                 .with_label_values(&[&name])
@@ -220,6 +232,15 @@ impl Metrics {
                 self.tracked_keys
                     .with_label_values(&[&name, scope.as_str()])
                     .set(n as i64);
+            }
+            let busiest = [
+                (Scope::Key, slots.keys().max()),
+                (Scope::Client, slots.clients().max()),
+            ];
+            for (scope, n) in busiest {
+                self.busiest
+                    .with_label_values(&[&name, scope.as_str()])
+                    .set(i64::from(n));
             }
         }
 

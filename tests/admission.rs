@@ -79,6 +79,18 @@ async fn bursts_admit_exactly_the_limit_round_after_round() {
         .await;
         let m = gw.metrics().await;
         assert_eq!(m.get("wsgate_streams_active", &[]), admitted as f64);
+        let busiest = |route, scope| {
+            m.get(
+                "wsgate_streams_busiest",
+                &[("route", route), ("scope", scope)],
+            )
+        };
+        assert_eq!(
+            busiest("rooms", "key"),
+            15.0,
+            "the lobby is the busiest room"
+        );
+        assert_eq!(busiest("perclient", "client"), 7.0);
 
         drop((total, room, other, one));
         for route in ["total", "rooms", "perclient"] {
