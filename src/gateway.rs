@@ -95,8 +95,7 @@ impl Gateway {
     /// permits, so their slots stay counted under their route's name.
     pub fn apply(&self, config: Config) -> Result<(), ApplyError> {
         let routes = build(&config, &self.table, &self.metrics)?;
-        let names: Vec<&str> = config.routes.iter().map(|r| r.name.as_ref()).collect();
-        self.table.retain_routes(&names);
+        self.table.retain_routes(&route_names(&config));
         self.metrics.apply_config(&config);
         self.rejections.set_rate(config.rejections_per_second);
         self.failure_log.set_rate(config.rejections_per_second);
@@ -110,15 +109,13 @@ impl Gateway {
     /// removed routes once their last stream has ended.
     pub fn sweep(&self) {
         self.table.sweep();
-        let snapshot = self.snapshot();
-        let names: Vec<&str> = snapshot
-            .config
-            .routes
-            .iter()
-            .map(|r| r.name.as_ref())
-            .collect();
-        self.table.retain_routes(&names);
+        self.table
+            .retain_routes(&route_names(&self.snapshot().config));
     }
+}
+
+fn route_names(config: &Config) -> Vec<&str> {
+    config.routes.iter().map(|r| r.name.as_ref()).collect()
 }
 
 fn build(

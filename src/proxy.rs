@@ -147,17 +147,15 @@ impl ProxyHttp for Proxy {
             }
         }
 
-        self.carry(session, ctx, live).await;
+        self.carry(session, ctx, &snapshot, live).await;
         Ok(true)
     }
 
     async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
-        let snapshot = ctx.snapshot.as_ref();
-        let live = ctx
-            .live_route()
-            .ok_or_else(|| Error::explain(ErrorType::InternalError, "request has no route"))?;
-        let keepalive = snapshot.and_then(|s| s.config.server.tcp_keepalive);
-        let mut peer = peer_for(&live.route.upstream, live, keepalive).await?;
+        let (Some(snapshot), Some(live)) = (ctx.snapshot.as_ref(), ctx.live_route()) else {
+            return Error::e_explain(ErrorType::InternalError, "request has no route");
+        };
+        let mut peer = peer_for(live, &snapshot.config).await?;
         peer.options.read_timeout = Some(live.route.upstream.handshake_timeout);
         Ok(Box::new(peer))
     }
@@ -184,53 +182,66 @@ impl ProxyHttp for Proxy {
 
 impl Proxy {
     /// Connects an admitted stream to its upstream and relays it to its end.
-    async fn carry(&self, session: &mut Session, ctx: &mut Ctx, live: &LiveRoute) {
+    async fn carry(
+        &self,
+        session: &mut Session,
+        ctx: &mut Ctx,
+        snapshot: &Snapshot,
+        live: &LiveRoute,
+    ) {
         let route = &live.route;
-        let snapshot = ctx.snapshot.clone();
-        let keepalive = snapshot
-            .as_ref()
-            .and_then(|s| s.config.server.tcp_keepalive);
         let mut request = session.req_header().clone();
-        let prepared = match peer_for(&route.upstream, live, keepalive).await {
+        let prepared = match peer_for(live, &snapshot.config).await {
             Ok(peer) => rewrite(&mut request, &route.upstream).map(|()| peer),
             Err(e) => Err(e),
         };
-        let peer = match prepared {
-            Ok(peer) => peer,
+        let outcome = match prepared {
+            Ok(peer) => {
+                let bounds = Bounds {
+                    handshake_timeout: route.upstream.handshake_timeout,
+                    idle_timeout: route.idle_timeout,
+                    deadline: route.max_lifetime.map(|d| Instant::now() + d),
+                };
+                let stream = &mut ctx.stream;
+                relay::run(
+                    session,
+                    &self.connector,
+                    &peer,
+                    request,
+                    bounds,
+                    |phase| match phase {
+                        Phase::Upgraded(at) => {
+                            if let Some(s) = stream.as_mut() {
+                                s.upgraded_at = Some(at);
+                            }
+                        }
+                        Phase::NotUpgraded => *stream = None,
+                    },
+                )
+                .await
+            }
+            // The upstream's name did not resolve (or the request could not
+            // be rewritten): nothing was sent, so it is a refused connection.
             Err(e) => {
                 ctx.stream = None;
-                self.count_failure(live, UpstreamFailure::Refused);
-                tracing::warn!(route = %route.name, error = %e, "upstream unreachable");
                 session.set_keepalive(None);
                 let _ = session.respond_error(502).await;
-                return;
+                Outcome::Failed {
+                    reason: UpstreamFailure::Refused,
+                    answered: 502,
+                    error: Some(e),
+                }
             }
         };
+        ctx.stream = None;
+        self.record(live, outcome);
+    }
 
-        let bounds = Bounds {
-            handshake_timeout: route.upstream.handshake_timeout,
-            idle_timeout: route.idle_timeout,
-            deadline: route.max_lifetime.map(|d| Instant::now() + d),
-        };
-        let stream = &mut ctx.stream;
-        let outcome =
-            relay::run(
-                session,
-                &self.connector,
-                &peer,
-                request,
-                bounds,
-                |phase| match phase {
-                    Phase::Upgraded(at) => {
-                        if let Some(s) = stream.as_mut() {
-                            s.upgraded_at = Some(at);
-                        }
-                    }
-                    Phase::NotUpgraded => *stream = None,
-                },
-            )
-            .await;
-
+    /// Counts and logs how a stream ended; upstream faults are logged
+    /// through the same budget as refusals, so a failing upstream under a
+    /// flood cannot fill a disk either.
+    fn record(&self, live: &LiveRoute, outcome: Outcome) {
+        let route = &live.route.name;
         match outcome {
             Outcome::Failed {
                 reason,
@@ -241,10 +252,10 @@ impl Proxy {
                 let error = error.map_or_else(String::new, |e| e.to_string());
                 if reason == UpstreamFailure::Status {
                     // The upstream's own answer: its decision, not a fault.
-                    tracing::debug!(route = %route.name, answered, "upstream declined the upgrade");
+                    tracing::debug!(%route, answered, "upstream declined the upgrade");
                 } else if let Some(suppressed) = self.gateway.failure_log.admit_line() {
                     tracing::warn!(
-                        route = %route.name,
+                        %route,
                         reason = reason.as_str(),
                         answered,
                         %error,
@@ -254,10 +265,9 @@ impl Proxy {
                 }
             }
             Outcome::Ended(end) => {
-                tracing::debug!(route = %route.name, end = end.as_str(), "stream ended");
+                tracing::debug!(%route, end = end.as_str(), "stream ended");
             }
         }
-        ctx.stream = None;
     }
 
     fn log_refusal(&self, route: &config::Route, client: &Client, scope: Scope, dry_run: bool) {
@@ -325,11 +335,8 @@ async fn refuse(session: &mut Session, route: &config::Route, scope: Scope) -> R
 }
 
 /// The peer for a route's upstream, with its timeouts and TLS settings.
-async fn peer_for(
-    up: &Upstream,
-    live: &LiveRoute,
-    keepalive: Option<config::Keepalive>,
-) -> Result<HttpPeer> {
+async fn peer_for(live: &LiveRoute, config: &config::Config) -> Result<HttpPeer> {
+    let up = &live.route.upstream;
     let addr = resolve(&up.host, up.port).await?;
     let mut peer = HttpPeer::new(addr, up.tls, up.sni.clone());
     peer.group_key = live.ca_group;
@@ -339,7 +346,10 @@ async fn peer_for(
     o.verify_cert = up.verify_cert;
     o.verify_hostname = up.verify_cert;
     o.ca = live.ca.clone();
-    o.tcp_keepalive = keepalive.map(|k| crate::server::keepalive(&k));
+    o.tcp_keepalive = config
+        .server
+        .tcp_keepalive
+        .map(|k| crate::server::keepalive(&k));
     Ok(peer)
 }
 

@@ -129,12 +129,11 @@ pub async fn run(
         };
     }
 
-    // The upstream switched: from here on the relay loop owns every timeout.
+    // The upstream switched: from here on the relay loop owns every timeout,
+    // reads and writes alike, so the sessions' own read timeouts go.
     upstream.read_timeout = None;
-    upstream.write_timeout = bounds.idle_timeout;
     upstream.maybe_upgrade_body_writer();
     session.set_read_timeout(None);
-    session.set_write_timeout(bounds.idle_timeout);
     if session
         .write_response_header(Box::new(head), false)
         .await
