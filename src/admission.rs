@@ -357,6 +357,8 @@ pub struct AdmissionTable {
     routes: Mutex<HashMap<Arc<str>, Arc<RouteSlots>>>,
     global_clients: Arc<KeyedCounter<IpAddr>>,
     global_rate: RateTable,
+    /// Open client connections per address, upgraded or not.
+    connections: Arc<KeyedCounter<IpAddr>>,
 }
 
 impl AdmissionTable {
@@ -397,6 +399,26 @@ impl AdmissionTable {
 
     pub fn global_rate(&self) -> &RateTable {
         &self.global_rate
+    }
+
+    pub fn connections(&self) -> &KeyedCounter<IpAddr> {
+        &self.connections
+    }
+
+    /// Takes a connection slot for `client`, before anything is read from
+    /// it; `None` when the client has `limit` connections open already.
+    ///
+    /// Unlike stream scopes this table has no cap on tracked addresses: each
+    /// entry stands for an open connection, which costs far more (a socket,
+    /// a task) than the entry, so open connections bound it already.
+    pub fn connect(&self, client: IpAddr, limit: u32) -> Option<ConnectionSlot> {
+        match self.connections.acquire(&client, limit, false, usize::MAX) {
+            Taken::Yes | Taken::OverLimit => Some(ConnectionSlot {
+                counter: self.connections.clone(),
+                client,
+            }),
+            Taken::No | Taken::Full => None,
+        }
     }
 
     /// Forgets rate buckets that have refilled; call every few seconds.
@@ -548,6 +570,19 @@ impl Drop for Permit {
     }
 }
 
+/// One open client connection's slot; `Drop` gives it back.
+#[derive(Debug)]
+pub struct ConnectionSlot {
+    counter: Arc<KeyedCounter<IpAddr>>,
+    client: IpAddr,
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.counter.release(&self.client);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -579,6 +614,21 @@ mod tests {
             Admission::Admitted { .. } => panic!("admitted"),
             Admission::Refused(scope) => scope,
         }
+    }
+
+    #[test]
+    fn connection_slots_are_capped_per_client_and_given_back() {
+        let table = AdmissionTable::new();
+        let a = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1));
+        let b = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 2));
+        let first = table.connect(a, 2).unwrap();
+        let second = table.connect(a, 2).unwrap();
+        assert!(table.connect(a, 2).is_none());
+        let other = table.connect(b, 2).unwrap();
+        drop(first);
+        let third = table.connect(a, 2).unwrap();
+        drop((second, third, other));
+        assert_eq!(table.connections().tracked(), 0);
     }
 
     #[test]

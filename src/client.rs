@@ -80,6 +80,15 @@ impl ClientPolicy {
         }
     }
 
+    /// The address a connection from `peer` is counted under for the cap on
+    /// open connections, or `None` when it is not capped: a trusted proxy
+    /// carries many clients' connections, and exempt clients are exempt.
+    pub fn connection_key(&self, peer: IpAddr) -> Option<IpAddr> {
+        let peer = canonical(peer);
+        let capped = !self.is_trusted(peer) && !self.exempt.iter().any(|n| n.contains(&peer));
+        capped.then(|| self.count_key(peer))
+    }
+
     fn is_trusted(&self, ip: IpAddr) -> bool {
         self.trusted.iter().any(|net| net.contains(&ip))
     }
@@ -268,6 +277,23 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(p0.count_key(ip("2001:db8::1")), ip("::"));
+    }
+
+    #[test]
+    fn connections_are_capped_per_address_except_proxies_and_exempt() {
+        let mut p = policy(ForwardHeader::XForwardedFor);
+        p.exempt = vec!["198.51.100.0/24".parse().unwrap()];
+        assert_eq!(p.connection_key(ip("10.0.0.1")), None);
+        assert_eq!(p.connection_key(ip("198.51.100.7")), None);
+        assert_eq!(p.connection_key(ip("203.0.113.9")), Some(ip("203.0.113.9")));
+        assert_eq!(
+            p.connection_key(ip("::ffff:203.0.113.9")),
+            Some(ip("203.0.113.9"))
+        );
+        assert_eq!(
+            p.connection_key(ip("2001:db8:1:2:3:4:5:6")),
+            Some(ip("2001:db8:1:2::"))
+        );
     }
 
     #[test]

@@ -216,6 +216,8 @@ struct ServerFile {
     upgrade_sock: Option<PathBuf>,
     grace_period: Option<Dur>,
     tcp_keepalive: Option<KeepaliveFile>,
+    head_timeout: Option<Dur>,
+    max_head_bytes: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -253,6 +255,7 @@ struct GlobalLimitsFile {
     rate: Option<RateFile>,
     max_tracked_keys: Option<usize>,
     when_tracking_full: Option<WhenFullFile>,
+    connections_per_client: Option<u32>,
 }
 
 #[derive(Debug, Deserialize, Clone, Copy)]
@@ -358,6 +361,9 @@ pub struct Config {
     pub client: ClientPolicy,
     /// Limit per client across all routes, its overrides and upgrade rate.
     pub global_per_client: Option<u32>,
+    /// Open connections per client address, counted at accept, before any
+    /// request; trusted proxies and exempt clients are not capped.
+    pub connections_per_client: u32,
     pub global_overrides: Overrides,
     pub global_rate: Option<Rate>,
     /// The bound on keys tracked per scope.
@@ -381,6 +387,13 @@ pub struct ServerSettings {
     /// How long live streams may run on after SIGTERM.
     pub grace_period: Duration,
     pub tcp_keepalive: Option<Keepalive>,
+    /// How long a client has to send a whole request head, counted from
+    /// accept for a connection's first request and from the first byte for
+    /// later ones. Reloadable.
+    pub head_timeout: Duration,
+    /// The largest request head read; a longer one closes the connection.
+    /// Reloadable.
+    pub max_head_bytes: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -425,6 +438,14 @@ pub const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(5);
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_GRACE_PERIOD: Duration = Duration::from_secs(30);
+pub const DEFAULT_HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_MAX_HEAD_BYTES: usize = 64 * 1024;
+const MIN_HEAD_BYTES: usize = 1024;
+/// Pingora refuses request heads over 1 MiB whatever wsgate says.
+const MAX_HEAD_BYTES: usize = 1024 * 1024;
+/// High enough for a large NAT; trusted proxies and exempt clients are not
+/// capped at all.
+pub const DEFAULT_CONNECTIONS_PER_CLIENT: u32 = 1000;
 pub const DEFAULT_KEEPALIVE: Keepalive = Keepalive {
     idle: Duration::from_secs(60),
     interval: Duration::from_secs(10),
@@ -601,6 +622,13 @@ impl Checker<'_> {
                 "must be at least 1 (leave it out for no limit)",
             );
         }
+        if raw.limits.connections_per_client == Some(0) {
+            self.problem(
+                self.line_of("connections_per_client", "0", 0),
+                "limits.connections_per_client",
+                format!("must be at least 1 (the default is {DEFAULT_CONNECTIONS_PER_CLIENT})"),
+            );
+        }
 
         Some(Config {
             file: path.to_path_buf(),
@@ -609,6 +637,10 @@ impl Checker<'_> {
             server,
             client: client?,
             global_per_client: raw.limits.per_client,
+            connections_per_client: raw
+                .limits
+                .connections_per_client
+                .unwrap_or(DEFAULT_CONNECTIONS_PER_CLIENT),
             global_overrides,
             global_rate,
             tracking,
@@ -676,7 +708,27 @@ impl Checker<'_> {
                 count: s.count.unwrap_or(DEFAULT_KEEPALIVE.count),
             }),
         };
+        let head_timeout = raw.head_timeout.map_or(DEFAULT_HEAD_TIMEOUT, |d| d.0);
+        if head_timeout.is_zero() {
+            let line = ["0s", "0", "off"]
+                .iter()
+                .find_map(|v| self.line_of("head_timeout", v, 0));
+            self.problem(line, "server.head_timeout", "must be longer than 0s");
+        }
+        let max_head_bytes = raw.max_head_bytes.unwrap_or(DEFAULT_MAX_HEAD_BYTES);
+        if !(MIN_HEAD_BYTES..=MAX_HEAD_BYTES).contains(&max_head_bytes) {
+            self.problem(
+                self.line_of("max_head_bytes", &max_head_bytes.to_string(), 0),
+                "server.max_head_bytes",
+                format!(
+                    "{max_head_bytes} is outside {MIN_HEAD_BYTES}..={MAX_HEAD_BYTES} \
+                     (Pingora reads at most {MAX_HEAD_BYTES} bytes of head)"
+                ),
+            );
+        }
         ServerSettings {
+            head_timeout,
+            max_head_bytes,
             threads: raw.threads.unwrap_or(2).max(1),
             pid_file: raw
                 .pid_file

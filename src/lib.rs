@@ -13,6 +13,7 @@ pub mod admin;
 pub mod admission;
 pub mod client;
 pub mod config;
+pub mod conn;
 pub mod gateway;
 pub mod metrics;
 pub mod pem;

@@ -51,6 +51,35 @@ pub struct Metrics {
     pub reloads: IntCounterVec,
     pub last_reload_success: IntGauge,
     pub last_reload_success_time: IntGauge,
+    pub connections_open: IntGauge,
+    pub connections_closed: IntCounterVec,
+}
+
+/// Why wsgate closed a client connection before any request was answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectionClosed {
+    /// The client already had its maximum of open connections.
+    ClientConnections,
+    /// The request head did not arrive whole within `server.head_timeout`.
+    HeadTimeout,
+    /// The request head was longer than `server.max_head_bytes`.
+    HeadTooLarge,
+}
+
+impl ConnectionClosed {
+    pub const ALL: [ConnectionClosed; 3] = [
+        ConnectionClosed::ClientConnections,
+        ConnectionClosed::HeadTimeout,
+        ConnectionClosed::HeadTooLarge,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConnectionClosed::ClientConnections => "client_connections",
+            ConnectionClosed::HeadTimeout => "head_timeout",
+            ConnectionClosed::HeadTooLarge => "head_too_large",
+        }
+    }
 }
 
 impl Metrics {
@@ -152,6 +181,19 @@ impl Metrics {
             "Unix time of the last successful config load.",
         )
         .expect("valid metric");
+        let connections_open = IntGauge::new(
+            "wsgate_client_connections",
+            "Open client connections on the proxy listeners, upgraded or not.",
+        )
+        .expect("valid metric");
+        let connections_closed = IntCounterVec::new(
+            Opts::new(
+                "wsgate_client_connections_closed_total",
+                "Client connections wsgate closed before answering, by reason.",
+            ),
+            &["reason"],
+        )
+        .expect("valid metric");
 
         for c in [
             Box::new(streams_active.clone()) as Box<dyn prometheus::core::Collector>,
@@ -166,12 +208,17 @@ impl Metrics {
             Box::new(reloads.clone()),
             Box::new(last_reload_success.clone()),
             Box::new(last_reload_success_time.clone()),
+            Box::new(connections_open.clone()),
+            Box::new(connections_closed.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
         last_reload_success.set(1);
         for result in ["success", "failure"] {
             reloads.with_label_values(&[result]);
+        }
+        for reason in ConnectionClosed::ALL {
+            connections_closed.with_label_values(&[reason.as_str()]);
         }
 
         Self {
@@ -188,6 +235,8 @@ impl Metrics {
             reloads,
             last_reload_success,
             last_reload_success_time,
+            connections_open,
+            connections_closed,
         }
     }
 

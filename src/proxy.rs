@@ -2,9 +2,11 @@
 //! through, each calling the pure modules (`request`, `route`, `client`,
 //! `admission`) and recording what happened.
 //!
-//! Plain HTTP goes through Pingora's proxy pipeline. An admitted stream is
-//! carried by [`relay`](crate::relay) from inside `request_filter`, which
-//! then answers "handled", so the pipeline never touches it.
+//! Plain HTTP goes through Pingora's proxy pipeline. An admitted stream's
+//! handshake is carried by [`relay`](crate::relay) from inside
+//! `request_filter`, which then answers "handled", so the pipeline never
+//! touches it; after a 101 the stream is handed to its connection
+//! ([`conn`](crate::conn)) and relayed there.
 //!
 //! A stream's slots are held by the [`Permit`] inside [`Stream`], which lives
 //! in the request context. Every way a stream ends drops it (and a non-101
@@ -13,10 +15,11 @@
 use crate::admission::{Admission, Ask, Permit, Scope};
 use crate::client::Client;
 use crate::config::{self, Upstream};
+use crate::conn::{hand_off, Handoff};
 use crate::gateway::{Gateway, LiveRoute, Snapshot};
 use crate::metrics::UpstreamFailure;
 use crate::refusal;
-use crate::relay::{self, Bounds, Outcome, Phase};
+use crate::relay::{self, Bounds, End, Outcome, Phase};
 use crate::request::{self, Kind};
 use crate::route::normalize_path;
 use async_trait::async_trait;
@@ -195,44 +198,58 @@ impl Proxy {
             Ok(peer) => rewrite(&mut request, &route.upstream).map(|()| peer),
             Err(e) => Err(e),
         };
-        let outcome = match prepared {
-            Ok(peer) => {
-                let bounds = Bounds {
-                    handshake_timeout: route.upstream.handshake_timeout,
-                    idle_timeout: route.idle_timeout,
-                    deadline: route.max_lifetime.map(|d| Instant::now() + d),
-                };
-                let stream = &mut ctx.stream;
-                relay::run(
-                    session,
-                    &self.connector,
-                    &peer,
-                    request,
-                    bounds,
-                    |phase| match phase {
-                        Phase::Upgraded(at) => {
-                            if let Some(s) = stream.as_mut() {
-                                s.upgraded_at = Some(at);
+        let outcome =
+            match prepared {
+                Ok(peer) => {
+                    let bounds = Bounds {
+                        handshake_timeout: route.upstream.handshake_timeout,
+                        idle_timeout: route.idle_timeout,
+                        deadline: route.max_lifetime.map(|d| Instant::now() + d),
+                    };
+                    let stream = &mut ctx.stream;
+                    let outcome =
+                        relay::run(session, &self.connector, &peer, request, bounds, |phase| {
+                            match phase {
+                                Phase::Upgraded(at) => {
+                                    if let Some(s) = stream.as_mut() {
+                                        s.upgraded_at = Some(at);
+                                    }
+                                }
+                                Phase::NotUpgraded => *stream = None,
                             }
+                        })
+                        .await;
+                    match (outcome, ctx.stream.take()) {
+                        (Outcome::Upgraded(upgraded), Some(admitted)) => {
+                            let handoff = Handoff {
+                                upgraded,
+                                bounds,
+                                admitted,
+                                route: route.name.clone(),
+                            };
+                            // The connection relays the stream once this
+                            // session has ended; see `conn`.
+                            if hand_off(session, handoff).is_ok() {
+                                return;
+                            }
+                            Outcome::Ended(End::ClientError)
                         }
-                        Phase::NotUpgraded => *stream = None,
-                    },
-                )
-                .await
-            }
-            // The upstream's name did not resolve (or the request could not
-            // be rewritten): nothing was sent, so it is a refused connection.
-            Err(e) => {
-                ctx.stream = None;
-                session.set_keepalive(None);
-                let _ = session.respond_error(502).await;
-                Outcome::Failed {
-                    reason: UpstreamFailure::Refused,
-                    answered: 502,
-                    error: Some(e),
+                        (outcome, _) => outcome,
+                    }
                 }
-            }
-        };
+                // The upstream's name did not resolve (or the request could not
+                // be rewritten): nothing was sent, so it is a refused connection.
+                Err(e) => {
+                    ctx.stream = None;
+                    session.set_keepalive(None);
+                    let _ = session.respond_error(502).await;
+                    Outcome::Failed {
+                        reason: UpstreamFailure::Refused,
+                        answered: 502,
+                        error: Some(e),
+                    }
+                }
+            };
         ctx.stream = None;
         self.record(live, outcome);
     }
@@ -266,6 +283,9 @@ impl Proxy {
             }
             Outcome::Ended(end) => {
                 tracing::debug!(%route, end = end.as_str(), "stream ended");
+            }
+            Outcome::Upgraded(_) => {
+                tracing::debug!(%route, "stream ended: it could not be handed over");
             }
         }
     }

@@ -1,24 +1,31 @@
 //! The life of an admitted stream: connect to the upstream, send the
-//! upgrade, relay the upstream's answer and, after a 101, the bytes both ways
-//! until either side ends or a timeout fires.
+//! upgrade, pass on the upstream's answer ([`run`]) and, after a 101, relay
+//! the bytes both ways on the raw connections until either side ends or a
+//! timeout fires ([`pump`]).
 //!
 //! wsgate relays upgraded streams itself rather than through Pingora's proxy
 //! loop: that loop can end a tunnel right after its 101 when the upstream
 //! answers before the request's empty body is drained (Pingora issue #946),
-//! and has one read timeout for the handshake and the stream alike. Owning
-//! the loop gives each phase its own bound: `connect_timeout`,
-//! `handshake_timeout`, then `idle_timeout` and `max_lifetime`.
+//! has one read timeout for the handshake and the stream alike, and keeps
+//! two 64 KiB body buffers per stream for as long as it lives. Owning the
+//! relay gives each phase its own bound (`connect_timeout`,
+//! `handshake_timeout`, then `idle_timeout` and `max_lifetime`) and holds
+//! no buffer while a stream is idle.
 
 use crate::metrics::UpstreamFailure;
-use bytes::Bytes;
 use pingora::connectors::http::v1::Connector;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::HttpPeer;
 use pingora::protocols::http::v1::client::HttpSession as UpstreamSession;
+use pingora::protocols::Stream;
 use pingora::{Error, ErrorType};
 use pingora_proxy::Session;
-use std::pin::pin;
+use std::future::Future;
+use std::mem::MaybeUninit;
+use std::pin::{pin, Pin};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::time::{sleep_until, Instant as TokioInstant};
 
 /// How a stream's handshake and relay are bounded.
@@ -40,7 +47,10 @@ pub enum Outcome {
         answered: u16,
         error: Option<Box<Error>>,
     },
-    /// The stream was upgraded and has now ended.
+    /// The upstream switched and the 101 was passed on: the stream is
+    /// ready for [`pump`].
+    Upgraded(Upgraded),
+    /// The upstream switched but the client could not be told.
     Ended(End),
 }
 
@@ -77,8 +87,33 @@ pub enum Phase {
     NotUpgraded,
 }
 
-/// Sends `request` to `peer` and, when the upstream answers 101, relays the
-/// stream to its end, telling `on_phase` when the outcome is known.
+/// Collects what a session's body reader returns without waiting: bytes it
+/// buffered past the head, or that the socket has ready now.
+macro_rules! take_buffered {
+    ($read:expr) => {{
+        let mut out = Vec::new();
+        let mut cx = Context::from_waker(Waker::noop());
+        loop {
+            match pin!($read).poll(&mut cx) {
+                Poll::Ready(Ok(Some(bytes))) => out.extend_from_slice(&bytes),
+                _ => break out,
+            }
+        }
+    }};
+}
+#[derive(Debug)]
+/// An upgraded stream ready to be relayed: the upstream's raw connection,
+/// and what each side sent past its head before the hand-over.
+pub struct Upgraded {
+    pub upstream: Stream,
+    pub to_upstream: Vec<u8>,
+    pub to_client: Vec<u8>,
+}
+
+/// Sends `request` to `peer` and, when the upstream answers 101, passes the
+/// 101 on and returns the upstream's connection for [`pump`]. Any other
+/// answer, or a failure, is passed on to the client here. `on_phase` hears
+/// the outcome before anything is written to the client.
 pub async fn run(
     session: &mut Session,
     connector: &Connector,
@@ -129,11 +164,13 @@ pub async fn run(
         };
     }
 
-    // The upstream switched: from here on the relay loop owns every timeout,
-    // reads and writes alike, so the sessions' own read timeouts go.
+    // The upstream switched. Both sessions may hold bytes read past their
+    // heads (an upstream's greeting, a client's eager first frame); they are
+    // taken now, without waiting, and relayed first.
     upstream.read_timeout = None;
     upstream.maybe_upgrade_body_writer();
     session.set_read_timeout(None);
+    session.set_keepalive(None);
     if session
         .write_response_header(Box::new(head), false)
         .await
@@ -142,7 +179,13 @@ pub async fn run(
         return Outcome::Ended(End::ClientError);
     }
     on_phase(Phase::Upgraded(Instant::now()));
-    Outcome::Ended(relay(session, &mut upstream, bounds).await)
+    let to_client = take_buffered!(upstream.read_body_bytes());
+    let to_upstream = take_buffered!(session.as_downstream_mut().read_request_body());
+    Outcome::Upgraded(Upgraded {
+        upstream: upstream.into_inner(),
+        to_upstream,
+        to_client,
+    })
 }
 
 async fn handshake(
@@ -213,63 +256,168 @@ async fn respond_error(session: &mut Session, status: u16) {
     }
 }
 
-/// Copies bytes both ways until either side ends or a timer fires. Any
-/// activity, in either direction, restarts the idle timer; a write that
-/// cannot complete (a peer that stopped reading) is raced against the same
-/// timers, so neither bound can be escaped by not reading.
-async fn relay(session: &mut Session, upstream: &mut UpstreamSession, bounds: Bounds) -> End {
+/// Relays bytes both ways between the raw connections until either side
+/// ends or a timer fires.
+///
+/// Each direction reads into a scratch buffer on the stack and writes it on
+/// at once; only a write that cannot complete keeps its rest on the heap
+/// until it can. An idle stream therefore holds no buffer at all. A side is
+/// not read while its last bytes are still on their way, so a peer that
+/// stops reading stops the other side too, and the idle timer, which any
+/// byte moved in either direction restarts, ends the stream.
+pub async fn pump(client: &mut Stream, up: Upgraded, bounds: Bounds) -> End {
+    let Upgraded {
+        mut upstream,
+        to_upstream,
+        to_client,
+    } = up;
     let far = TokioInstant::now() + Duration::from_secs(100 * 365 * 86400);
     let lifetime = bounds.deadline.map_or(far, TokioInstant::from_std);
-    let next_idle = || bounds.idle_timeout.map_or(far, |d| TokioInstant::now() + d);
-    let mut idle = pin!(sleep_until(next_idle()));
     let mut expiry = pin!(sleep_until(lifetime));
+    let mut idle = pin!(sleep_until(
+        bounds.idle_timeout.map_or(far, |d| TokioInstant::now() + d)
+    ));
+    let mut last_moved = TokioInstant::now();
+    let mut up_dir = Direction::new(
+        to_upstream,
+        End::ClientClosed,
+        End::ClientError,
+        End::UpstreamError,
+    );
+    let mut down_dir = Direction::new(
+        to_client,
+        End::UpstreamClosed,
+        End::UpstreamError,
+        End::ClientError,
+    );
 
-    loop {
-        let event = tokio::select! {
-            r = session.as_downstream_mut().read_request_body() => Event::FromClient(r),
-            r = upstream.read_body_bytes() => Event::FromUpstream(r),
-            _ = &mut idle => return End::IdleTimeout,
-            _ = &mut expiry => return End::MaxLifetime,
-        };
-
-        let written = match event {
-            Event::FromClient(Ok(Some(bytes))) => {
-                let write = async { upstream.write_body(&bytes).await.map(|_| ()) };
-                bounded(write, &mut idle, &mut expiry, End::UpstreamError).await
-            }
-            Event::FromClient(Ok(None)) => Err(End::ClientClosed),
-            Event::FromClient(Err(_)) => Err(End::ClientError),
-            Event::FromUpstream(Ok(Some(bytes))) => {
-                let write = session
-                    .as_downstream_mut()
-                    .write_response_body(bytes, false);
-                bounded(write, &mut idle, &mut expiry, End::ClientError).await
-            }
-            Event::FromUpstream(Ok(None)) => Err(End::UpstreamClosed),
-            Event::FromUpstream(Err(_)) => Err(End::UpstreamError),
-        };
-        if let Err(end) = written {
-            return end;
+    let end = std::future::poll_fn(|cx| {
+        let mut scratch = [MaybeUninit::<u8>::uninit(); SCRATCH];
+        if let Poll::Ready(end) = up_dir.poll(cx, client, &mut upstream, &mut scratch) {
+            return Poll::Ready(end);
         }
-        idle.as_mut().reset(next_idle());
-    }
+        if let Poll::Ready(end) = down_dir.poll(cx, &mut upstream, client, &mut scratch) {
+            return Poll::Ready(end);
+        }
+        if std::mem::take(&mut up_dir.moved) | std::mem::take(&mut down_dir.moved) {
+            last_moved = TokioInstant::now();
+        }
+        if expiry.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(End::MaxLifetime);
+        }
+        if let Some(d) = bounds.idle_timeout {
+            // The timer is moved on only when it fires, not on every byte.
+            while idle.as_mut().poll(cx).is_ready() {
+                if last_moved + d <= TokioInstant::now() {
+                    return Poll::Ready(End::IdleTimeout);
+                }
+                idle.as_mut().reset(last_moved + d);
+            }
+        }
+        Poll::Pending
+    })
+    .await;
+
+    // Close both sides in an orderly way (FIN, or TLS close_notify), briefly.
+    let close = async {
+        let _ = client.shutdown().await;
+        let _ = upstream.shutdown().await;
+    };
+    let _ = tokio::time::timeout(CLOSE_GRACE, close).await;
+    end
 }
 
-/// Awaits a write unless the idle or lifetime timer fires first.
-async fn bounded(
-    write: impl std::future::Future<Output = pingora::Result<()>>,
-    idle: &mut std::pin::Pin<&mut tokio::time::Sleep>,
-    expiry: &mut std::pin::Pin<&mut tokio::time::Sleep>,
-    on_error: End,
-) -> Result<(), End> {
-    tokio::select! {
-        r = write => r.map_err(|_| on_error),
-        _ = idle.as_mut() => Err(End::IdleTimeout),
-        _ = expiry.as_mut() => Err(End::MaxLifetime),
-    }
+/// The most one read takes from a socket.
+const SCRATCH: usize = 16 * 1024;
+/// How long closing both sides of an ended stream may take.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
+/// Reads per direction in one wake-up before yielding to other tasks.
+const READS_PER_WAKE: usize = 16;
+
+/// One direction of a relay, and how it ends.
+struct Direction {
+    /// Bytes read but not yet written on, and how many of them were.
+    pending: Vec<u8>,
+    written: usize,
+    flush: bool,
+    moved: bool,
+    on_eof: End,
+    on_read_error: End,
+    on_write_error: End,
 }
 
-enum Event {
-    FromClient(pingora::Result<Option<Bytes>>),
-    FromUpstream(pingora::Result<Option<Bytes>>),
+impl Direction {
+    fn new(pending: Vec<u8>, on_eof: End, on_read_error: End, on_write_error: End) -> Self {
+        Self {
+            flush: !pending.is_empty(),
+            pending,
+            written: 0,
+            moved: false,
+            on_eof,
+            on_read_error,
+            on_write_error,
+        }
+    }
+
+    /// Moves what it can from `from` to `to`; ready only when the stream ends.
+    fn poll(
+        &mut self,
+        cx: &mut Context<'_>,
+        from: &mut Stream,
+        to: &mut Stream,
+        scratch: &mut [MaybeUninit<u8>],
+    ) -> Poll<End> {
+        for _ in 0..READS_PER_WAKE {
+            // What was read before goes first, and whole.
+            while self.written < self.pending.len() {
+                match Pin::new(&mut *to).poll_write(cx, &self.pending[self.written..]) {
+                    Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => {
+                        return Poll::Ready(self.on_write_error)
+                    }
+                    Poll::Ready(Ok(n)) => {
+                        self.written += n;
+                        self.moved = true;
+                    }
+                    Poll::Pending => return Poll::Pending,
+                }
+            }
+            if self.written > 0 {
+                // Give the memory back: most streams rarely have a write wait.
+                self.pending = Vec::new();
+                self.written = 0;
+            }
+            if self.flush {
+                match Pin::new(&mut *to).poll_flush(cx) {
+                    Poll::Ready(Ok(())) => self.flush = false,
+                    Poll::Ready(Err(_)) => return Poll::Ready(self.on_write_error),
+                    Poll::Pending => return Poll::Pending,
+                }
+            }
+
+            let mut buf = ReadBuf::uninit(scratch);
+            match Pin::new(&mut *from).poll_read(cx, &mut buf) {
+                Poll::Ready(Ok(())) if buf.filled().is_empty() => return Poll::Ready(self.on_eof),
+                Poll::Ready(Ok(())) => {
+                    self.moved = true;
+                    self.flush = true;
+                    let data = buf.filled();
+                    let sent = match Pin::new(&mut *to).poll_write(cx, data) {
+                        Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => {
+                            return Poll::Ready(self.on_write_error)
+                        }
+                        Poll::Ready(Ok(n)) => n,
+                        Poll::Pending => 0,
+                    };
+                    if sent < data.len() {
+                        self.pending.extend_from_slice(&data[sent..]);
+                    }
+                }
+                Poll::Ready(Err(_)) => return Poll::Ready(self.on_read_error),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        // Still busy: let other tasks run, and come back at once.
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
 }

@@ -3,6 +3,7 @@
 
 use crate::admin::Admin;
 use crate::config::{Config, Keepalive};
+use crate::conn::Front;
 use crate::gateway::Gateway;
 use crate::proxy::Proxy;
 use crate::reload::{ReloadService, Reloader};
@@ -11,7 +12,8 @@ use async_trait::async_trait;
 use pingora::connectors::http::v1::Connector;
 use pingora::connectors::ConnectorOptions;
 use pingora::listeners::tls::TlsSettings;
-use pingora::listeners::TcpSocketOptions;
+use pingora::listeners::{ListenerConfig, TcpSocketOptions};
+use pingora::protocols::l4::stream::L4BufferSettings;
 use pingora::protocols::TcpKeepalive;
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::Server;
@@ -20,6 +22,16 @@ use pingora::services::background::{background_service, BackgroundService};
 use pingora::services::listening::Service;
 use std::sync::Arc;
 use std::time::Duration;
+
+/// Client connections are read without Pingora's 64 KiB read buffer: it
+/// would stay with every held stream. Request heads are read into the HTTP
+/// session's own buffer, and relayed bytes into a scratch buffer on the
+/// stack (see `relay::pump`). Writes keep Pingora's small buffer, which the
+/// relay flushes after every write.
+const L4_BUFFER: L4BufferSettings = L4BufferSettings {
+    read: Some(0),
+    write: None,
+};
 
 /// Options from the command line that Pingora acts on.
 #[derive(Debug, Default, Clone, Copy)]
@@ -71,30 +83,34 @@ pub fn build(config: Config, options: RunOptions) -> anyhow::Result<(Server, Arc
     let connector = Connector::new(Some(ConnectorOptions::from_server_conf(
         &server.configuration,
     )));
-    let mut proxy = pingora_proxy::http_proxy_service_with_name(
-        &server.configuration,
-        Proxy::new(gateway.clone(), connector),
-        "wsgate proxy",
+    let front = Front::new(
+        pingora_proxy::http_proxy(
+            &server.configuration,
+            Proxy::new(gateway.clone(), connector),
+        ),
+        gateway.clone(),
     );
+    let mut proxy = Service::new("wsgate proxy".to_string(), front);
     let mut sock = TcpSocketOptions::default();
     sock.tcp_keepalive = config.server.tcp_keepalive.as_ref().map(keepalive);
     for listener in &config.listeners {
-        match &listener.tls {
-            None => proxy.add_tcp_with_settings(&listener.address, sock.clone()),
-            Some((cert, key)) => {
-                let cert = cert.display().to_string();
-                let key = key.display().to_string();
-                let mut tls = TlsSettings::intermediate(&cert, &key).with_context(|| {
-                    format!(
-                        "{}: loading TLS certificate {cert} and key {key}",
-                        config.file.display()
-                    )
-                })?;
-                // WebSocket upgrades exist on HTTP/1.1 only.
-                tls.set_alpn(pingora::protocols::ALPN::H1);
-                proxy.add_tls_with_settings(&listener.address, Some(sock.clone()), tls);
-            }
+        let mut endpoint = ListenerConfig::tcp(listener.address.clone())
+            .tcp_socket_options(sock.clone())
+            .l4_buffer(L4_BUFFER);
+        if let Some((cert, key)) = &listener.tls {
+            let cert = cert.display().to_string();
+            let key = key.display().to_string();
+            let mut tls = TlsSettings::intermediate(&cert, &key).with_context(|| {
+                format!(
+                    "{}: loading TLS certificate {cert} and key {key}",
+                    config.file.display()
+                )
+            })?;
+            // WebSocket upgrades exist on HTTP/1.1 only.
+            tls.set_alpn(pingora::protocols::ALPN::H1);
+            endpoint = endpoint.tls(tls);
         }
+        proxy.add_listener(endpoint);
     }
 
     let mut admin = Service::new("wsgate admin".to_string(), Admin::new(gateway.clone()));

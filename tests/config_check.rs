@@ -94,6 +94,24 @@ fn each_bad_file_gives_its_one_line_and_exit_1() {
             "bad.yaml:3:1: (top level): unknown field `rotues`",
         ),
         (
+            "head bound out of range",
+            "routes:\n",
+            "server:\n  max_head_bytes: 100\nroutes:\n",
+            "bad.yaml:4: server.max_head_bytes: 100 is outside 1024..=1048576",
+        ),
+        (
+            "no time for a head",
+            "routes:\n",
+            "server:\n  head_timeout: 0s\nroutes:\n",
+            "bad.yaml:4: server.head_timeout: must be longer than 0s",
+        ),
+        (
+            "no connections",
+            "routes:\n",
+            "limits:\n  connections_per_client: 0\nroutes:\n",
+            "bad.yaml:4: limits.connections_per_client: must be at least 1",
+        ),
+        (
             "not YAML",
             "    key: room\n",
             "    key: room\n   bad indent: [\n",

@@ -70,8 +70,18 @@ impl Wsgate {
     /// Like [`start`](Self::start), with `listener_yaml` (further keys of the
     /// proxy listener, such as its `tls:` block, indented under `address`).
     pub async fn start_with_listener(listener_yaml: &str, body: &str) -> Wsgate {
+        Self::start_full(listener_yaml, "", body).await
+    }
+
+    /// Like [`start`](Self::start), with `server_yaml` (further keys of the
+    /// `server:` section, each line indented by two spaces).
+    pub async fn start_with_server(server_yaml: &str, body: &str) -> Wsgate {
+        Self::start_full("", server_yaml, body).await
+    }
+
+    async fn start_full(listener_yaml: &str, server_yaml: &str, body: &str) -> Wsgate {
         for attempt in 0..5 {
-            match Self::try_start(listener_yaml, body).await {
+            match Self::try_start(listener_yaml, server_yaml, body).await {
                 Ok(w) => return w,
                 Err(e) if attempt < 4 => {
                     eprintln!("wsgate did not start ({e}); retrying with new ports")
@@ -82,12 +92,16 @@ impl Wsgate {
         unreachable!()
     }
 
-    async fn try_start(listener_yaml: &str, body: &str) -> Result<Wsgate, String> {
+    async fn try_start(
+        listener_yaml: &str,
+        server_yaml: &str,
+        body: &str,
+    ) -> Result<Wsgate, String> {
         let dir = tempfile::tempdir().unwrap();
         let (port, admin_port) = (free_port(), free_port());
         let header = format!(
             "listen:\n  - address: 127.0.0.1:{port}\n{listener_yaml}admin:\n  address: 127.0.0.1:{admin_port}\n\
-             server:\n  threads: 2\n  pid_file: {d}/wsgate.pid\n  upgrade_sock: {d}/upgrade.sock\n  grace_period: 1s\n",
+             server:\n  threads: 2\n  pid_file: {d}/wsgate.pid\n  upgrade_sock: {d}/upgrade.sock\n  grace_period: 1s\n{server_yaml}",
             d = dir.path().display()
         );
         let config = format!("{header}{body}");

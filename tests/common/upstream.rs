@@ -7,7 +7,8 @@
 //! - anything else with `Upgrade: websocket`: 101, then echoes every message;
 //!   the text `close-me` makes it close the socket, `reset-me` reset it;
 //!   under `/flood`, it sends 32 MiB in binary messages at once, then
-//!   waits for the client to end the stream;
+//!   waits for the client to end the stream; under `/greet`, the text
+//!   `hello` goes out in the same write as the 101;
 //! - anything else: 200 `plain`.
 
 use futures_util::{SinkExt, StreamExt};
@@ -133,10 +134,15 @@ async fn serve(mut stream: TcpStream, counters: Arc<Counters>) {
             .any(|l| l.starts_with("upgrade:") && l.contains("websocket"));
         if upgrade {
             let accept = derive_accept_key(key.unwrap_or_default().as_bytes());
-            let resp = format!(
+            let mut resp = format!(
                 "HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\nsec-websocket-accept: {accept}\r\n\r\n"
-            );
-            if stream.write_all(resp.as_bytes()).await.is_err() {
+            )
+            .into_bytes();
+            if path.starts_with("/greet") {
+                // An unmasked text frame, as a server sends it.
+                resp.extend_from_slice(b"\x81\x05hello");
+            }
+            if stream.write_all(&resp).await.is_err() {
                 return;
             }
             counters.upgrades.fetch_add(1, Ordering::SeqCst);

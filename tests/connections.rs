@@ -1,0 +1,249 @@
+//! What a client connection may cost before it asks for anything (a deadline
+//! and a size bound on each request head, a cap on open connections per
+//! address), and the hand-over of an upgraded stream to the raw relay,
+//! including bytes either side sends right after its head.
+
+mod common;
+
+use common::upstream::Upstream;
+use common::*;
+use futures_util::StreamExt;
+use std::net::SocketAddr;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+
+const WS_HEADERS: &str = "Connection: Upgrade\r\nUpgrade: websocket\r\n\
+                          Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n";
+
+fn route(up: SocketAddr) -> String {
+    format!(
+        "routes:\n  - name: relay\n    prefix: /\n{}    limits:\n      total: 5\n",
+        upstream_yaml(up)
+    )
+}
+
+/// Waits (bounded) until the server closes `s`; everything it sent first.
+async fn closed_by_gateway(s: &mut TcpStream, limit: Duration) -> Vec<u8> {
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(limit, async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    });
+    read.await
+        .expect("the gateway closes the connection in time");
+    got
+}
+
+async fn closed_count(gw: &Wsgate, reason: &str) -> f64 {
+    gw.metrics().await.get(
+        "wsgate_client_connections_closed_total",
+        &[("reason", reason)],
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_head_sent_a_byte_at_a_time_is_cut_off_at_its_deadline() {
+    let up = Upstream::start().await;
+    let gw = Wsgate::start_with_server("  head_timeout: 1s\n", &route(up.addr)).await;
+
+    // A slowloris: the head never ends, but a byte arrives every 100 ms, so
+    // no single read waits long. Dripping it all would take a minute.
+    let mut s = TcpStream::connect(gw.addr).await.unwrap();
+    s.write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let drip = async {
+        for _ in 0..600 {
+            if s.write_all(b"X").await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("the gateway kept reading a head for a minute");
+    };
+    tokio::time::timeout(Duration::from_secs(30), drip)
+        .await
+        .expect("the connection is closed while the head drips");
+
+    eventually(Duration::from_secs(10), "the timeout counted", || async {
+        (closed_count(&gw, "head_timeout").await == 1.0).then_some(())
+    })
+    .await;
+
+    // A connection that sends nothing at all is closed too.
+    let mut silent = TcpStream::connect(gw.addr).await.unwrap();
+    closed_by_gateway(&mut silent, Duration::from_secs(10)).await;
+    eventually(
+        Duration::from_secs(10),
+        "the silent one counted",
+        || async { (closed_count(&gw, "head_timeout").await == 2.0).then_some(()) },
+    )
+    .await;
+    assert_eq!(up.accepts(), 0, "the upstream never saw either");
+
+    // A head that completes in time is served, and on a kept-alive
+    // connection the next head gets its own deadline.
+    let mut s = TcpStream::connect(gw.addr).await.unwrap();
+    s.write_all(b"GET /plain HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 256];
+    let n = s.read(&mut buf).await.unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+    s.write_all(b"GET /plain HTTP/1.1\r\nHo").await.unwrap();
+    closed_by_gateway(&mut s, Duration::from_secs(10)).await;
+    eventually(
+        Duration::from_secs(10),
+        "all three timeouts counted",
+        || async { (closed_count(&gw, "head_timeout").await == 3.0).then_some(()) },
+    )
+    .await;
+
+    // Nothing leaked: the route's one slot is free, and upgrades work.
+    let ws = connect(&gw.url("/ws")).await;
+    assert_eq!(ws.status(), 101);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_head_over_its_size_bound_is_refused_and_never_forwarded() {
+    let up = Upstream::start().await;
+    let gw = Wsgate::start_with_server("  max_head_bytes: 2048\n", &route(up.addr)).await;
+
+    let mut s = TcpStream::connect(gw.addr).await.unwrap();
+    let padding = "a".repeat(4000);
+    let head = format!("GET /ws HTTP/1.1\r\nHost: x\r\n{WS_HEADERS}X-Pad: {padding}\r\n\r\n");
+    // The gateway may close before all of it is written.
+    let _ = s.write_all(head.as_bytes()).await;
+    let answer = closed_by_gateway(&mut s, Duration::from_secs(10)).await;
+    assert!(!answer.starts_with(b"HTTP/1.1 101"));
+    eventually(Duration::from_secs(10), "the refusal counted", || async {
+        (closed_count(&gw, "head_too_large").await == 1.0).then_some(())
+    })
+    .await;
+    assert_eq!(up.accepts(), 0);
+
+    // A head just under the bound is an ordinary upgrade.
+    let padding = "a".repeat(1500);
+    let ws = connect_from(
+        "127.0.0.1".parse().unwrap(),
+        &gw.url("/ws"),
+        &[("x-pad", padding.as_str())],
+    )
+    .await;
+    assert_eq!(ws.status(), 101);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_connections_are_capped_per_client_before_any_request() {
+    let up = Upstream::start().await;
+    // Idle connections must outlive the test's steps.
+    let gw = Wsgate::start_with_server(
+        "  head_timeout: 60s\n",
+        &format!(
+            "limits:\n  connections_per_client: 3\nclient_ip:\n  exempt: [127.0.0.9/32]\n{}",
+            route(up.addr)
+        ),
+    )
+    .await;
+
+    // Three idle connections from one address take its three slots; the
+    // fourth is closed at once, before anything is read from it.
+    let mut idle = Vec::new();
+    for _ in 0..3 {
+        idle.push(TcpStream::connect(gw.addr).await.unwrap());
+    }
+    eventually(
+        Duration::from_secs(10),
+        "three connections open",
+        || async {
+            let m = gw.metrics().await;
+            (m.get("wsgate_client_connections", &[]) == 3.0).then_some(())
+        },
+    )
+    .await;
+    let mut fourth = TcpStream::connect(gw.addr).await.unwrap();
+    let answer = closed_by_gateway(&mut fourth, Duration::from_secs(10)).await;
+    assert!(answer.is_empty());
+    assert_eq!(closed_count(&gw, "client_connections").await, 1.0);
+
+    // Other addresses are not affected, and exempt ones are not capped.
+    let other = connect_from("127.0.0.2".parse().unwrap(), &gw.url("/ws"), &[]).await;
+    assert_eq!(other.status(), 101);
+    let exempt = connect_from("127.0.0.9".parse().unwrap(), &gw.url("/ws"), &[]).await;
+    assert_eq!(exempt.status(), 101);
+
+    // Closing one gives its slot back: an upgrade from the address works,
+    // and holds its slot for as long as the stream lives.
+    idle.pop();
+    eventually(Duration::from_secs(10), "a slot is free again", || async {
+        let m = gw.metrics().await;
+        (m.get("wsgate_client_connections", &[]) == 4.0).then_some(())
+    })
+    .await;
+    let ws = connect_from("127.0.0.1".parse().unwrap(), &gw.url("/ws"), &[]).await;
+    assert_eq!(ws.status(), 101);
+    let mut extra = TcpStream::connect(gw.addr).await.unwrap();
+    closed_by_gateway(&mut extra, Duration::from_secs(10)).await;
+
+    drop((ws, idle, other, exempt));
+    eventually(
+        Duration::from_secs(10),
+        "every connection closed",
+        || async {
+            let m = gw.metrics().await;
+            (m.get("wsgate_client_connections", &[]) == 0.0).then_some(())
+        },
+    )
+    .await;
+    gw.wait_active("relay", 0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_sent_right_after_either_head_are_relayed() {
+    let up = Upstream::start().await;
+    let gw = Wsgate::start(&route(up.addr)).await;
+
+    // The upstream's first message leaves in the same packet as its 101.
+    let mut ws = connect(&gw.url("/greet")).await.into_open();
+    let first = tokio::time::timeout(Duration::from_secs(10), ws.next())
+        .await
+        .expect("the greeting in time")
+        .expect("a message")
+        .unwrap();
+    assert_eq!(first, Message::text("hello"));
+    echo(&mut ws, "after the greeting").await;
+
+    // The client's first frame leaves in the same packet as its upgrade
+    // request, before the 101 (an eager client): it is echoed all the same.
+    let mut s = TcpStream::connect(gw.addr).await.unwrap();
+    let mut request = format!("GET /ws HTTP/1.1\r\nHost: x\r\n{WS_HEADERS}\r\n").into_bytes();
+    let mask = [1u8, 2, 3, 4];
+    request.extend_from_slice(&[0x81, 0x80 | 2]);
+    request.extend_from_slice(&mask);
+    request.extend(b"hi".iter().zip(mask.iter().cycle()).map(|(b, m)| b ^ m));
+    s.write_all(&request).await.unwrap();
+
+    let mut got = Vec::new();
+    let expected_tail = [0x81, 0x02, b'h', b'i'];
+    tokio::time::timeout(Duration::from_secs(10), async {
+        let mut buf = [0u8; 1024];
+        while !got.ends_with(&expected_tail) {
+            let n = s.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed before the echo: {got:?}");
+            got.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await
+    .expect("the echo in time");
+    assert!(got.starts_with(b"HTTP/1.1 101"));
+
+    drop((s, ws));
+    gw.wait_active("relay", 0).await;
+}
