@@ -10,9 +10,10 @@
 //! And it carries admitted streams. Once a stream's 101 is written, the proxy
 //! hands the upstream connection over ([`hand_off`]); Pingora's session then
 //! ends and is dropped with all its buffers, and the two raw connections are
-//! relayed by [`relay::pump`] on this connection's own task.
+//! relayed by [`relay::pump`] on a task of their own.
 
 use crate::admission::ConnectionSlot;
+use crate::config::ServerSettings;
 use crate::gateway::Gateway;
 use crate::metrics::ConnectionClosed;
 use crate::proxy::{Proxy, Stream as Admitted};
@@ -34,7 +35,7 @@ use std::io;
 use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Sleep;
@@ -87,16 +88,21 @@ impl ServerApp for Front {
         stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
-        let snapshot = self.gateway.snapshot();
-        let config = &snapshot.config;
         let peer = peer_ip(&*stream);
-        let slot = match peer.and_then(|ip| config.client.connection_key(ip)) {
+        // The config is read once here and not kept: a connection may live
+        // for hours, and must not pin an old config in memory after reloads.
+        let (capped, head) = {
+            let snapshot = self.gateway.snapshot();
+            let config = &snapshot.config;
+            let capped = peer
+                .and_then(|ip| config.client.connection_key(ip))
+                .map(|key| (key, config.connections_per_client));
+            (capped, head_bounds(&config.server))
+        };
+        let slot = match capped {
             None => None,
-            Some(key) => {
-                let slot = self
-                    .gateway
-                    .table
-                    .connect(key, config.connections_per_client);
+            Some((key, limit)) => {
+                let slot = self.gateway.table.connect(key, limit);
                 if slot.is_none() {
                     self.closed(ConnectionClosed::ClientConnections, peer);
                     return None;
@@ -104,15 +110,17 @@ impl ServerApp for Front {
                 slot
             }
         };
-        let _open = Open::new(&self.gateway, slot);
+        let open = Open::new(self.gateway.clone(), slot);
 
         let shared = Arc::new(Mutex::new(Shared::default()));
         let mut guarded = Box::new(Guarded {
             inner: Some(stream),
             head: None,
             shared: shared.clone(),
+            gathered: Vec::new(),
+            gathered_sent: 0,
         });
-        guarded.watch_head(&snapshot.config.server, true);
+        guarded.watch_head(head, true);
         let mut session = ServerSession::new_http1(guarded);
         // Pingora's own defaults for a new connection.
         session.set_keepalive(if *shutdown.borrow() { None } else { Some(60) });
@@ -129,20 +137,28 @@ impl ServerApp for Front {
             }
             if let Some(handoff) = handoff {
                 drop(reused);
-                let client = shared
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .client
-                    .take();
-                if let Some(mut client) = client {
-                    carry(&mut client, handoff).await;
+                let (client, unsent) = {
+                    let mut shared = shared.lock().unwrap_or_else(|e| e.into_inner());
+                    (shared.client.take(), std::mem::take(&mut shared.unsent))
+                };
+                let mut handoff = handoff;
+                if !unsent.is_empty() {
+                    let to_client = &mut handoff.upgraded.to_client;
+                    *to_client = [unsent, std::mem::take(to_client)].concat();
+                }
+                if let Some(client) = client {
+                    // The stream gets a task of its own, sized for the relay:
+                    // this one was sized by Pingora for a whole HTTP
+                    // exchange (over 8 KB), and would be kept for as long
+                    // as the stream lives.
+                    tokio::spawn(carry(client, handoff, open));
                 }
                 return None;
             }
 
             let (stream, settings) = reused?.consume();
             let mut guarded = stream.into_any().downcast::<Guarded>().ok()?;
-            guarded.watch_head(&self.gateway.snapshot().config.server, false);
+            guarded.watch_head(head_bounds(&self.gateway.snapshot().config.server), false);
             session = ServerSession::new_http1(guarded);
             if let Some(settings) = settings {
                 settings.apply_to_session(&mut session);
@@ -176,28 +192,30 @@ impl Front {
     }
 }
 
-/// Relays a handed-off stream to its end; its slots go when `handoff` does.
-async fn carry(client: &mut Stream, handoff: Handoff) {
+/// Relays a handed-off stream to its end. Its slots go when `handoff` does,
+/// and the connection's when `open` does, however the task ends (a
+/// shutdown drops it).
+async fn carry(mut client: Stream, handoff: Handoff, open: Open) {
     let Handoff {
         upgraded,
         bounds,
         admitted,
         route,
     } = handoff;
-    let end = relay::pump(client, upgraded, bounds).await;
-    drop(admitted);
+    let end = relay::pump(&mut client, upgraded, bounds).await;
+    drop((admitted, open));
     tracing::debug!(%route, end = end.as_str(), "stream ended");
 }
 
 /// An open connection: counted in the gauge, and holding its slot under the
 /// per-client cap, until dropped.
-struct Open<'a> {
-    gateway: &'a Gateway,
+struct Open {
+    gateway: Arc<Gateway>,
     _slot: Option<ConnectionSlot>,
 }
 
-impl<'a> Open<'a> {
-    fn new(gateway: &'a Gateway, slot: Option<ConnectionSlot>) -> Self {
+impl Open {
+    fn new(gateway: Arc<Gateway>, slot: Option<ConnectionSlot>) -> Self {
         gateway.metrics.connections_open.inc();
         Self {
             gateway,
@@ -206,10 +224,15 @@ impl<'a> Open<'a> {
     }
 }
 
-impl Drop for Open<'_> {
+impl Drop for Open {
     fn drop(&mut self) {
         self.gateway.metrics.connections_open.dec();
     }
+}
+
+/// The time and size a request head may take.
+fn head_bounds(server: &ServerSettings) -> (Duration, usize) {
+    (server.head_timeout, server.max_head_bytes)
 }
 
 fn peer_ip(stream: &dyn pingora::protocols::IO) -> Option<IpAddr> {
@@ -225,6 +248,8 @@ struct Shared {
     /// The client connection, moved here when Pingora drops its session
     /// after a hand-off.
     client: Option<Stream>,
+    /// Bytes for the client that were gathered but not sent at hand-off.
+    unsent: Vec<u8>,
     /// Why the connection was closed while a head was read, if it was.
     fault: Option<ConnectionClosed>,
 }
@@ -237,6 +262,9 @@ struct Guarded {
     inner: Option<Stream>,
     head: Option<HeadWatch>,
     shared: Arc<Mutex<Shared>>,
+    /// Small writes not yet sent (see [`GATHER`]), and how much of them was.
+    gathered: Vec<u8>,
+    gathered_sent: usize,
 }
 
 impl std::fmt::Debug for Shared {
@@ -252,8 +280,8 @@ impl Guarded {
     /// Starts bounding the next request head. A connection's first head is
     /// timed from now (accept); later ones from their first byte, since the
     /// wait between requests is Pingora's keepalive timeout.
-    fn watch_head(&mut self, server: &crate::config::ServerSettings, from_now: bool) {
-        let mut watch = HeadWatch::new(server.head_timeout, server.max_head_bytes);
+    fn watch_head(&mut self, (timeout, max_bytes): (Duration, usize), from_now: bool) {
+        let mut watch = HeadWatch::new(timeout, max_bytes);
         if from_now {
             watch.start();
         }
@@ -292,6 +320,9 @@ impl Drop for Guarded {
         let mut shared = self.shared.lock().unwrap_or_else(|e| e.into_inner());
         if shared.handoff.is_some() {
             shared.client = self.inner.take();
+            // Pingora flushes the 101, so this is empty unless a write
+            // failed; if not, it goes to the client before anything else.
+            shared.unsent = self.gathered.split_off(self.gathered_sent);
         }
     }
 }
@@ -329,20 +360,60 @@ impl AsyncRead for Guarded {
     }
 }
 
+/// Small writes are gathered up to this size until Pingora flushes, so a
+/// short answer (head and body) leaves in one segment.
+const GATHER: usize = 4096;
+
+impl Guarded {
+    /// Writes out what was gathered, then lets its memory go: between
+    /// responses, and for as long as a stream lives, nothing is held.
+    fn poll_write_gathered(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while self.gathered_sent < self.gathered.len() {
+            let Some(inner) = self.inner.as_mut() else {
+                return Poll::Ready(Err(io::ErrorKind::NotConnected.into()));
+            };
+            let pending = &self.gathered[self.gathered_sent..];
+            match Pin::new(inner).poll_write(cx, pending) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(n)) => self.gathered_sent += n,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        self.gathered = Vec::new();
+        self.gathered_sent = 0;
+        Poll::Ready(Ok(()))
+    }
+}
+
 impl AsyncWrite for Guarded {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        match self.get_mut().inner() {
-            Ok(inner) => Pin::new(inner).poll_write(cx, buf),
-            Err(e) => Poll::Ready(Err(e)),
+        let this = self.get_mut();
+        if this.gathered.len() + buf.len() > GATHER {
+            if let Err(e) = ready!(this.poll_write_gathered(cx)) {
+                return Poll::Ready(Err(e));
+            }
         }
+        if buf.len() >= GATHER {
+            return match this.inner() {
+                Ok(inner) => Pin::new(inner).poll_write(cx, buf),
+                Err(e) => Poll::Ready(Err(e)),
+            };
+        }
+        this.gathered.extend_from_slice(buf);
+        Poll::Ready(Ok(buf.len()))
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut().inner() {
+        let this = self.get_mut();
+        if let Err(e) = ready!(this.poll_write_gathered(cx)) {
+            return Poll::Ready(Err(e));
+        }
+        match this.inner() {
             Ok(inner) => Pin::new(inner).poll_flush(cx),
             Err(e) => Poll::Ready(Err(e)),
         }
@@ -350,6 +421,9 @@ impl AsyncWrite for Guarded {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if let Err(e) = ready!(this.poll_write_gathered(cx)) {
+            return Poll::Ready(Err(e));
+        }
         if this.handed_off() {
             return Poll::Ready(Ok(()));
         }

@@ -23,14 +23,14 @@ use pingora::services::listening::Service;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Client connections are read without Pingora's 64 KiB read buffer: it
-/// would stay with every held stream. Request heads are read into the HTTP
-/// session's own buffer, and relayed bytes into a scratch buffer on the
-/// stack (see `relay::pump`). Writes keep Pingora's small buffer, which the
-/// relay flushes after every write.
+/// Client connections go without Pingora's L4 buffers (64 KiB for reads,
+/// 1460 bytes for writes): they would stay with every held stream. Request
+/// heads are read into the HTTP session's own buffer, relayed bytes into a
+/// scratch buffer on the stack (see `relay::pump`), and each write is a
+/// whole head, body chunk or relayed read already.
 const L4_BUFFER: L4BufferSettings = L4BufferSettings {
     read: Some(0),
-    write: None,
+    write: Some(0),
 };
 
 /// Options from the command line that Pingora acts on.
