@@ -17,10 +17,10 @@
 #          from one client (client limit 10): 101s must be exactly the limit
 #
 # Usage: bench/run.sh            (as root on Debian, for apt-get)
-# Knobs: HELD=4900 REPEATS=3 HOLD=3s ECHO_SECS=5s RATE_SECS=5s OUT=docs/benchmarks.md
+# Knobs: HELD=9900 REPEATS=3 HOLD=3s ECHO_SECS=5s RATE_SECS=5s OUT=docs/benchmarks.md
 set -euo pipefail
 
-HELD=${HELD:-4900}
+HELD=${HELD:-9900}
 REPEATS=${REPEATS:-3}
 HOLD=${HOLD:-3s}
 ECHO_CONNS=${ECHO_CONNS:-50}
@@ -129,10 +129,10 @@ EOF
 mkdir -p "$WORK/nginx/logs"
 cat >"$WORK/nginx.conf" <<EOF
 worker_processes 2;
-worker_rlimit_nofile 12000;
+worker_rlimit_nofile 20000;
 pid $WORK/nginx/nginx.pid;
 error_log $WORK/nginx/logs/error.log error;
-events { worker_connections 12000; }
+events { worker_connections 20000; }
 http {
     access_log off;
     client_body_temp_path $WORK/nginx/tmp;
@@ -161,7 +161,7 @@ EOF
 
 cat >"$WORK/haproxy.cfg" <<EOF
 global
-    maxconn 9500
+    maxconn 9950
     nbthread 2
 defaults
     mode http
@@ -172,7 +172,7 @@ defaults
     timeout http-request 10s
 frontend fe
     bind 127.0.0.1:$HA
-    maxconn 9500
+    maxconn 9950
     acl burst path_beg /burst
     http-request track-sc0 src table t_client_burst if burst
     http-request track-sc1 str(burst) table t_route_burst if burst
