@@ -327,8 +327,10 @@ pub async fn pump(client: &mut Stream, up: Upgraded, bounds: Bounds) -> End {
     end
 }
 
-/// The most one read takes from a socket.
-const SCRATCH: usize = 16 * 1024;
+/// The most one read takes from a socket: a 16 KiB message and its frame
+/// header in one read, not two. It lives on the stack only while a
+/// direction is polled (uninitialised, so it costs nothing to set up).
+const SCRATCH: usize = 64 * 1024;
 /// How long closing both sides of an ended stream may take.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
 /// Reads per direction in one wake-up before yielding to other tasks.
