@@ -670,13 +670,14 @@ impl Fleet {
     ) -> Result<T, StoreError> {
         let limit = self.settings.call_timeout;
         let start = Instant::now();
-        let result = match self.connection().await {
-            Ok(mut conn) => match tokio::time::timeout(limit, call.invoke_async(&mut conn)).await {
-                Ok(answer) => answer.map_err(StoreError::from),
-                Err(_) => Err(StoreError::Timeout(limit)),
-            },
-            Err(e) => Err(e),
+        let attempt = async {
+            let mut conn = self.connection().await?;
+            call.invoke_async(&mut conn).await.map_err(StoreError::from)
         };
+        // One bound for connecting and answering together.
+        let result = tokio::time::timeout(limit, attempt)
+            .await
+            .unwrap_or(Err(StoreError::Timeout(limit)));
         self.metrics
             .rtt
             .with_label_values(&[op.as_str()])
@@ -712,20 +713,15 @@ impl Fleet {
             .set_connection_timeout(limit)
             .set_response_timeout(limit)
             .set_number_of_retries(1);
-        let made = tokio::time::timeout(
-            limit,
-            self.client.get_connection_manager_with_config(config),
-        )
-        .await;
-        match made {
-            Ok(Ok(manager)) => {
-                let mut c = self.connection.lock().unwrap_or_else(|e| e.into_inner());
-                c.manager = Some(manager.clone());
-                Ok(manager)
-            }
-            Ok(Err(e)) => Err(e.into()),
-            Err(_) => Err(StoreError::Timeout(limit)),
-        }
+        // The caller's timeout bounds this; an attempt it cuts off is
+        // abandoned, and the next one waits for `RETRY_AFTER`.
+        let manager = self
+            .client
+            .get_connection_manager_with_config(config)
+            .await?;
+        let mut c = self.connection.lock().unwrap_or_else(|e| e.into_inner());
+        c.manager = Some(manager.clone());
+        Ok(manager)
     }
 
     /// Records whether Redis answered; one log line per change of state.
