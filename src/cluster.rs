@@ -750,7 +750,8 @@ impl Fleet {
 }
 
 /// The background task of a fleet instance: renews the lease every third
-/// of it, resyncs when needed, and sends queued releases.
+/// of it, resyncs when needed, and sends queued releases. It runs until the
+/// process ends, not only until shutdown starts.
 pub struct FleetService(pub Arc<Fleet>);
 
 #[async_trait]
@@ -767,9 +768,13 @@ impl BackgroundService for FleetService {
         };
         let mut tick = tokio::time::interval(fleet.settings.lease / 3);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Streams run on through the shutdown grace period, so their lease
+        // is renewed and their releases sent until the runtime stops; the
+        // slots of streams still live then are freed by the lease.
+        let mut stopping = false;
         loop {
             tokio::select! {
-                _ = shutdown.changed() => return,
+                _ = shutdown.changed(), if !stopping => stopping = true,
                 _ = tick.tick() => fleet.upkeep().await,
                 _ = fleet.wake.notified() => fleet.upkeep().await,
                 Some(first) = pending.recv() => {
@@ -784,5 +789,86 @@ impl BackgroundService for FleetService {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::admission::{RouteLimits, Tracking};
+    use crate::rate::Rate;
+
+    fn fleet(instances: u32) -> Arc<Fleet> {
+        let settings = Cluster {
+            // Never connected to: these tests make no call.
+            redis: "redis://127.0.0.1:1".into(),
+            instance_id: "t".into(),
+            key_prefix: "p".into(),
+            lease: Duration::from_secs(3),
+            call_timeout: Duration::from_millis(100),
+            when_unreachable: Unreachable::Local,
+            instances,
+        };
+        Fleet::new(settings, &Registry::new()).unwrap()
+    }
+
+    fn ask(key: Option<&str>) -> Ask<'_> {
+        Ask {
+            limits: RouteLimits {
+                total: Some(10),
+                per_key: Some(2),
+                per_client: None,
+            },
+            global_per_client: Some(7),
+            key,
+            client: "192.0.2.1".parse().unwrap(),
+            client_exempt: false,
+            rate: Some(Rate {
+                per_second: 1.0,
+                burst: 1,
+            }),
+            global_rate: None,
+            dry_run: false,
+            tracking: Tracking::default(),
+        }
+    }
+
+    #[test]
+    fn the_local_share_rounds_down_and_keeps_at_least_one() {
+        let share = fleet(3).share(&ask(None));
+        assert_eq!(share.limits.total, Some(3));
+        assert_eq!(
+            share.limits.per_key,
+            Some(1),
+            "2 / 3 rounds to 0, kept at 1"
+        );
+        assert_eq!(share.limits.per_client, None, "no limit stays none");
+        assert_eq!(share.global_per_client, Some(2));
+        assert!(share.rate.is_none(), "the rate was spent by the first ask");
+        assert_eq!(fleet(1).share(&ask(None)).limits.total, Some(10));
+    }
+
+    #[test]
+    fn counters_follow_the_scopes_the_permit_holds() {
+        let fleet = fleet(2);
+        let table = AdmissionTable::new();
+        let route = table.route("rooms");
+        let a = ask(Some("lobby"));
+        let Admission::Admitted { permit, .. } = table.admit(&route, &a) else {
+            panic!("refused");
+        };
+        let counters: Vec<(String, Scope, u32)> = fleet
+            .counters("rooms", &permit, &a)
+            .into_iter()
+            .map(|(k, s, l)| (k.to_string(), s, l))
+            .collect();
+        assert_eq!(
+            counters,
+            vec![
+                ("{p}:g:192.0.2.1".into(), Scope::GlobalClient, 7),
+                ("{p}:k:rooms:lobby".into(), Scope::Key, 2),
+                ("{p}:r:rooms".into(), Scope::Route, 10),
+            ]
+        );
     }
 }
