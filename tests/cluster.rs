@@ -367,9 +367,13 @@ async fn a_slow_redis_is_waited_for_no_longer_than_the_call_timeout() {
     let members = [("o", "open"), ("c", "closed")];
     let gws = fleet(&redis, "2s", &members, &routes(&up, 10)).await;
     let (o, c) = (&gws[0], &gws[1]);
-    let mut held = keep_open(burst(&[o], 2, "/total", client).await);
+    let mut held = keep_open(burst(&[o], 3, "/total", client).await);
+    wait_fleet_live(c, "total", 3, Duration::from_secs(5)).await;
 
     redis.signal("STOP");
+    // A stream that ends while Redis cannot answer.
+    drop(held.pop());
+    o.wait_active("total", 2).await;
     let asked = Instant::now();
     let refused = connect_from(client(10), &c.url("/total"), &[]).await;
     let waited = asked.elapsed();
@@ -382,6 +386,8 @@ async fn a_slow_redis_is_waited_for_no_longer_than_the_call_timeout() {
 
     redis.signal("CONT");
     let admitted = admitted.into_open();
+    // Two held and one admitted meanwhile: the ended stream was given back
+    // once, the new one registered.
     for gw in &gws {
         wait_fleet_live(gw, "total", 3, Duration::from_secs(6)).await;
     }
@@ -390,6 +396,79 @@ async fn a_slow_redis_is_waited_for_no_longer_than_the_call_timeout() {
     }
     drop(admitted);
     wait_fleet_live(c, "total", 2, Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dry_run_routes_count_fleet_wide_and_never_refuse() {
+    let mut redis = Redis::start().await;
+    let up = Upstream::start().await;
+    let routes = format!(
+        "routes:\n  - name: trial\n    prefix: /trial\n    dry_run: true\n{}    limits:\n      total: 2\n",
+        upstream_yaml(up.addr)
+    );
+    let gws = fleet(&redis, "2s", &[("a", "closed"), ("b", "closed")], &routes).await;
+    let all: Vec<&Wsgate> = gws.iter().collect();
+    let would_refuse = |scope: &'static str| {
+        let gws = &gws;
+        async move {
+            let mut n = 0.0;
+            for gw in gws {
+                let labels = [("scope", scope), ("dry_run", "true")];
+                n += gw
+                    .metrics()
+                    .await
+                    .get("wsgate_streams_rejected_total", &labels);
+            }
+            n
+        }
+    };
+
+    let held = keep_open(burst(&all, 6, "/trial", client).await);
+    assert_eq!(held.len(), 6, "dry run admits everything");
+    assert_eq!(would_refuse("route").await, 4.0, "the fleet's limit of 2");
+    wait_fleet_live(&gws[0], "trial", 6, Duration::from_secs(5)).await;
+
+    // Closed, and Redis away: still admitted, counted as would-be refused.
+    redis.stop();
+    let more = burst(&all, 2, "/trial", |i| client(10 + i)).await;
+    assert_eq!(opened(&more), 2);
+    assert_eq!(would_refuse("cluster_unavailable").await, 2.0);
+    drop((held, more));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_changes_limits_fleet_wide_but_not_the_cluster() {
+    let redis = Redis::start().await;
+    let up = Upstream::start().await;
+    let members = [("a", "local"), ("b", "local")];
+    let gws = fleet(&redis, "2s", &members, &routes(&up, 4)).await;
+    let all: Vec<&Wsgate> = gws.iter().collect();
+    let held = keep_open(burst(&all, 10, "/total", client).await);
+    assert_eq!(held.len(), 4);
+
+    for (gw, id) in gws.iter().zip(["a", "b"]) {
+        let body = format!(
+            "{}{}",
+            cluster_yaml(&redis, id, "2s", "local"),
+            routes(&up, 7)
+        );
+        gw.rewrite(&body, "success").await;
+    }
+    let more = burst(&all, 10, "/total", |i| client(20 + i)).await;
+    assert_eq!(opened(&more), 3, "the raised limit, counted over both");
+
+    let moved = format!(
+        "{}{}",
+        cluster_yaml(&redis, "a2", "2s", "local"),
+        routes(&up, 7)
+    );
+    gws[0].rewrite(&moved, "failure").await;
+    assert!(
+        gws[0].log().contains("cluster: changed; restart wsgate"),
+        "{}",
+        gws[0].log()
+    );
+    drop((held, more));
 }
 
 /// The extra latency of one upgrade in a fleet (one Redis round trip), next
