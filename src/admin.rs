@@ -1,5 +1,6 @@
 //! The admin listener: `GET /metrics` (Prometheus text), `GET /healthz` and
-//! `GET /status` (JSON: each route's limits, live counts and busiest keys).
+//! `GET /status` (JSON: each route's limits, live counts and busiest keys;
+//! in a fleet, a `cluster` object with the fleet-wide counts from Redis).
 //! It binds its own address, loopback by default, apart from client traffic.
 
 use crate::gateway::Gateway;
