@@ -36,10 +36,10 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Script, ScriptInvocation};
 use serde_json::{json, Value};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::sync::{mpsc, Notify, RwLock};
+use tokio::sync::{mpsc, Notify, RwLock, RwLockWriteGuard};
 
 /// How long after a failed call (or connection attempt) upgrades skip
 /// Redis and go straight to the fallback policy, so an outage does not cost
@@ -290,8 +290,11 @@ pub struct Fleet {
     up: AtomicBool,
     /// Until when upgrades skip Redis after a failed call.
     skip_until: Mutex<Option<Instant>>,
-    /// Wakes the upkeep task early (a lost lease, a dirty instance).
+    /// Wakes the upkeep task when Redis answers again with counts owed.
     wake: Notify,
+    /// Successful resyncs so far: upgrades that found the lease lost at the
+    /// same time resync once between them, not once each.
+    resyncs: AtomicU64,
     releases: mpsc::UnboundedSender<Vec<Arc<str>>>,
     pending: Mutex<Option<mpsc::UnboundedReceiver<Vec<Arc<str>>>>>,
     metrics: Metrics,
@@ -307,7 +310,7 @@ pub struct Hold {
 
 impl Drop for Hold {
     fn drop(&mut self) {
-        // Fails only once the upkeep task has stopped at shutdown; the
+        // Fails only once the fleet task has ended with the process; the
         // lease then frees the slots.
         let _ = self.releases.send(std::mem::take(&mut self.counters));
     }
@@ -337,15 +340,12 @@ impl Fleet {
             up: AtomicBool::new(false),
             skip_until: Mutex::new(None),
             wake: Notify::new(),
+            resyncs: AtomicU64::new(0),
             releases,
             pending: Mutex::new(Some(pending)),
             metrics: Metrics::new(registry),
             settings,
         }))
-    }
-
-    pub fn settings(&self) -> &Cluster {
-        &self.settings
     }
 
     /// Completes a local admission fleet-wide: Redis takes the same slots
@@ -368,9 +368,10 @@ impl Fleet {
             return local;
         };
         let counters = self.counters(route, &permit, ask);
+        let resyncs = self.resyncs.load(Ordering::Acquire);
         let answer = match self.take(&counters, ask.dry_run).await {
             Ok(Answer::LeaseLost) => {
-                self.resync().await;
+                self.resync_unless_done_since(resyncs).await;
                 self.take(&counters, ask.dry_run).await
             }
             other => other,
@@ -584,7 +585,19 @@ impl Fleet {
     /// Rewrites this instance's counts in Redis from the ledger and renews
     /// its lease: after Redis lost them (restart, expiry) or may disagree.
     async fn resync(&self) {
-        let _gate = self.gate.write().await;
+        let gate = self.gate.write().await;
+        self.resync_locked(gate).await;
+    }
+
+    /// Resyncs unless one succeeded after `seen` resyncs had.
+    async fn resync_unless_done_since(&self, seen: u64) {
+        let gate = self.gate.write().await;
+        if self.resyncs.load(Ordering::Acquire) == seen {
+            self.resync_locked(gate).await;
+        }
+    }
+
+    async fn resync_locked(&self, _gate: RwLockWriteGuard<'_, ()>) {
         // Cleared before the ledger is read: a fallback admission after this
         // point marks the instance again.
         self.dirty.store(false, Ordering::Release);
@@ -603,6 +616,7 @@ impl Fleet {
         // On failure `call` marked the instance dirty: the next upkeep
         // tries again.
         if self.call::<i64>(Op::Resync, &call).await.is_ok() {
+            self.resyncs.fetch_add(1, Ordering::AcqRel);
             tracing::info!(
                 instance = %self.settings.instance_id,
                 counters = ledger.len(),
