@@ -290,6 +290,28 @@ async fn a_killed_instance_frees_its_slots_within_the_lease() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_off_instance_loses_its_slots_and_registers_them_on_return() {
+    let redis = Redis::start().await;
+    let up = Upstream::start().await;
+    let members = [("a", "local"), ("b", "local")];
+    let gws = fleet(&redis, "2s", &members, &routes(&up, 20)).await;
+    let mut held = keep_open(burst(&[&gws[0]], 6, "/total", client).await);
+    assert_eq!(held.len(), 6);
+    wait_fleet_live(&gws[1], "total", 6, Duration::from_secs(5)).await;
+
+    // A stalls past its lease: the fleet stops counting its streams.
+    gws[0].signal("STOP");
+    wait_fleet_live(&gws[1], "total", 0, Duration::from_secs(6)).await;
+    gws[0].signal("CONT");
+    wait_fleet_live(&gws[1], "total", 6, Duration::from_secs(6)).await;
+    for ws in &mut held {
+        echo(ws, "back").await;
+    }
+    let more = burst(&[&gws[1]], 20, "/total", |i| client(100 + i)).await;
+    assert_eq!(opened(&more), 14);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_living_through_many_leases_stay_counted() {
     let redis = Redis::start().await;
     let up = Upstream::start().await;
