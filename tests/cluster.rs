@@ -535,4 +535,12 @@ async fn upgrade_latency_local_and_fleet() {
             p(0.99)
         );
     }
+    let m = fleet[0].metrics().await;
+    let admit = [("op", "admit")];
+    let sum = m.get("wsgate_cluster_redis_seconds_sum", &admit);
+    let count = m.get("wsgate_cluster_redis_seconds_count", &admit);
+    println!(
+        "fleet: mean admit script round trip {:?}",
+        Duration::from_secs_f64(sum / count)
+    );
 }
