@@ -784,21 +784,9 @@ impl Checker<'_> {
             );
         }
         let instance_id = raw.instance_id.unwrap_or_else(default_instance_id);
-        if !is_name(&instance_id) {
-            self.problem(
-                self.line_of("instance_id", &instance_id, 0),
-                "cluster.instance_id",
-                "use letters, digits, `-`, `_` or `.`",
-            );
-        }
+        self.name("instance_id", &instance_id);
         let key_prefix = raw.key_prefix.unwrap_or_else(|| "wsgate".into());
-        if !is_name(&key_prefix) {
-            self.problem(
-                self.line_of("key_prefix", &key_prefix, 0),
-                "cluster.key_prefix",
-                "use letters, digits, `-`, `_` or `.`",
-            );
-        }
+        self.name("key_prefix", &key_prefix);
         let lease = raw.lease.map_or(DEFAULT_LEASE, |d| d.0);
         let call_timeout = raw.call_timeout.map_or(DEFAULT_CALL_TIMEOUT, |d| d.0);
         if lease < Duration::from_secs(1) {
@@ -822,7 +810,21 @@ impl Checker<'_> {
             Some(PolicyFile::Open) => Unreachable::Open,
             Some(PolicyFile::Closed) => Unreachable::Closed,
         };
-        let instances = match (when_unreachable, raw.instances) {
+        let instances = self.fleet_size(when_unreachable, raw.instances);
+        (self.problems.len() == problems).then_some(Cluster {
+            redis,
+            instance_id,
+            key_prefix,
+            lease,
+            call_timeout,
+            when_unreachable,
+            instances,
+        })
+    }
+
+    /// `cluster.instances`: needed to share limits under `local`.
+    fn fleet_size(&mut self, policy: Unreachable, instances: Option<u32>) -> u32 {
+        match (policy, instances) {
             (_, Some(0)) => {
                 let line = self.line_of_key("instances");
                 self.problem(line, "cluster.instances", "must be at least 1");
@@ -837,16 +839,18 @@ impl Checker<'_> {
                 1
             }
             (_, n) => n.unwrap_or(1),
-        };
-        (self.problems.len() == problems).then_some(Cluster {
-            redis,
-            instance_id,
-            key_prefix,
-            lease,
-            call_timeout,
-            when_unreachable,
-            instances,
-        })
+        }
+    }
+
+    /// Checks that `cluster.{key}` is a name safe inside Redis keys.
+    fn name(&mut self, key: &str, value: &str) {
+        if !is_name(value) {
+            self.problem(
+                self.line_of(key, value, 0),
+                format!("cluster.{key}"),
+                "use letters, digits, `-`, `_` or `.`",
+            );
+        }
     }
 
     fn client_ip(&mut self, raw: ClientIpFile) -> Option<ClientPolicy> {
