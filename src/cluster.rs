@@ -300,6 +300,16 @@ pub struct Fleet {
     metrics: Metrics,
 }
 
+/// Marks the instance dirty when dropped: forgotten once a call has
+/// settled, so only a cancelled call leaves its mark.
+struct MarkDirty<'a>(&'a AtomicBool);
+
+impl Drop for MarkDirty<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Release);
+    }
+}
+
 /// One stream's slots in the fleet's counts. Dropping it queues their
 /// release; the upkeep task sends it (a `Drop` never waits on the network).
 #[derive(Debug)]
@@ -445,7 +455,11 @@ impl Fleet {
         for (_, _, limit) in counters {
             call.arg(*limit);
         }
+        // An upgrade dropped while its script is in flight (its task
+        // cancelled) may leave a slot in Redis that the ledger never saw.
+        let unsettled = MarkDirty(&self.dirty);
         let (status, full): (i64, usize) = self.call(Op::Admit, &call).await?;
+        std::mem::forget(unsettled);
         // `full` is 1-based over the counters; 0 names none.
         let full_at = full.checked_sub(1).filter(|i| *i < counters.len());
         match status {
