@@ -262,6 +262,30 @@ async fn a_burst_over_all_instances_admits_exactly_the_limit_round_after_round()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_global_client_limit_holds_across_routes_and_instances() {
+    let redis = Redis::start().await;
+    let up = Upstream::start().await;
+    let body = format!("limits:\n  per_client: 5\n{}", routes(&up, 100));
+    let members = [("a", "local"), ("b", "local"), ("c", "local")];
+    let gws = fleet(&redis, "2s", &members, &body).await;
+    let all: Vec<&Wsgate> = gws.iter().collect();
+    let one: IpAddr = "127.0.0.7".parse().unwrap();
+
+    for round in 0..2 {
+        let (total, rooms) = tokio::join!(
+            burst(&all, 12, "/total", |_| one),
+            burst(&all, 12, "/room/r/ws", |_| one),
+        );
+        assert_eq!(opened(&total) + opened(&rooms), 5, "round {round}");
+        drop((total, rooms));
+        for gw in &gws {
+            wait_fleet_live(gw, "total", 0, Duration::from_secs(5)).await;
+            wait_fleet_live(gw, "rooms", 0, Duration::from_secs(5)).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_instance_frees_its_slots_within_the_lease() {
     let redis = Redis::start().await;
     let up = Upstream::start().await;
