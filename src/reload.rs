@@ -175,6 +175,11 @@ impl BackgroundService for ReloadService {
                 None
             }
         };
+        // A change written after startup read the file but before the watch
+        // began raised no event; the digest check makes this a no-op
+        // otherwise.
+        let reloader = self.reloader.clone();
+        let _ = tokio::task::spawn_blocking(move || reloader.reload(Trigger::FileChange)).await;
 
         loop {
             let trigger = tokio::select! {
