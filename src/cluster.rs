@@ -25,6 +25,11 @@
 //!   out, a stream was admitted by the fallback policy, the lease was lost),
 //!   the instance is marked dirty and the next upkeep rewrites its counts:
 //!   absolute values, so nothing is given back twice or never.
+//!
+//! A background task ([`FleetService`]) renews the lease every third of it
+//! for as long as the process runs and sends releases, which a permit's
+//! `Drop` queues. When Redis cannot answer within the call timeout, the
+//! configured policy (`local`, `open`, `closed`) decides the upgrade.
 
 use crate::admission::{Admission, AdmissionTable, Ask, Permit, RouteSlots, Scope};
 use crate::config::{Cluster, Unreachable};
