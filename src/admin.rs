@@ -1,5 +1,6 @@
 //! The admin listener: `GET /metrics` (Prometheus text), `GET /healthz` and
-//! `GET /status` (JSON: each route's limits, live counts and busiest keys).
+//! `GET /status` (JSON: each route's limits, live counts and busiest keys;
+//! in a fleet, a `cluster` object with the fleet-wide counts from Redis).
 //! It binds its own address, loopback by default, apart from client traffic.
 
 use crate::gateway::Gateway;
@@ -84,7 +85,17 @@ impl ServeHttp for Admin {
             ),
             (&Method::GET, "/healthz") => (StatusCode::OK, "text/plain", b"ok\n".to_vec()),
             (&Method::GET, "/status") => {
-                let body = serde_json::to_vec_pretty(&self.status()).unwrap_or_default();
+                let mut status = self.status();
+                if let Some(fleet) = &self.gateway.fleet {
+                    let snapshot = self.gateway.snapshot();
+                    let names: Vec<&str> = snapshot
+                        .routes
+                        .iter()
+                        .map(|r| r.route.name.as_ref())
+                        .collect();
+                    status["cluster"] = fleet.status(&names).await;
+                }
+                let body = serde_json::to_vec_pretty(&status).unwrap_or_default();
                 (StatusCode::OK, "application/json", body)
             }
             (_, "/metrics" | "/healthz" | "/status") => (

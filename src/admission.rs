@@ -39,16 +39,20 @@ pub enum Scope {
     /// A scope already tracks its maximum number of keys (clients, rooms)
     /// and this request would add one more.
     TrackingFull,
+    /// The fleet's shared counts cannot be reached and the cluster policy
+    /// is `closed`.
+    ClusterUnavailable,
 }
 
 impl Scope {
-    pub const ALL: [Scope; 6] = [
+    pub const ALL: [Scope; 7] = [
         Scope::Route,
         Scope::Key,
         Scope::Client,
         Scope::GlobalClient,
         Scope::ClientRate,
         Scope::TrackingFull,
+        Scope::ClusterUnavailable,
     ];
 
     /// The metric label and the word used in refusal bodies.
@@ -60,6 +64,7 @@ impl Scope {
             Scope::GlobalClient => "global_client",
             Scope::ClientRate => "client_rate",
             Scope::TrackingFull => "tracking_full",
+            Scope::ClusterUnavailable => "cluster_unavailable",
         }
     }
 }
@@ -445,6 +450,7 @@ impl AdmissionTable {
             client: None,
             key: None,
             total: false,
+            shared: None,
         };
         let mut would_refuse = None;
         if !ask.client_exempt {
@@ -550,6 +556,33 @@ pub struct Permit {
     client: Option<IpAddr>,
     key: Option<Box<str>>,
     total: bool,
+    /// The same slots in the fleet's shared counts, when there is a fleet.
+    /// Given back after the local ones.
+    shared: Option<crate::cluster::Hold>,
+}
+
+/// The scopes one permit holds a slot in, as the fleet's counts need them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Held<'a> {
+    pub global_client: Option<IpAddr>,
+    pub client: Option<IpAddr>,
+    pub key: Option<&'a str>,
+}
+
+impl Permit {
+    /// The keyed scopes this permit holds (the route total is always held).
+    pub fn held(&self) -> Held<'_> {
+        Held {
+            global_client: self.global.as_ref().map(|(_, c)| *c),
+            client: self.client,
+            key: self.key.as_deref(),
+        }
+    }
+
+    /// Ties the fleet's slots to this permit, so one `Drop` gives back both.
+    pub fn attach(&mut self, hold: crate::cluster::Hold) {
+        self.shared = Some(hold);
+    }
 }
 
 impl Drop for Permit {

@@ -172,6 +172,7 @@ struct FileConfig {
     limits: GlobalLimitsFile,
     #[serde(default)]
     log: LogFile,
+    cluster: Option<ClusterFile>,
     routes: Vec<RouteFile>,
 }
 
@@ -291,6 +292,27 @@ struct LogFile {
     rejections_per_second: Option<u32>,
 }
 
+/// Counting shared by a fleet of instances, through Redis.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClusterFile {
+    redis: String,
+    instance_id: Option<String>,
+    key_prefix: Option<String>,
+    lease: Option<Dur>,
+    call_timeout: Option<Dur>,
+    when_unreachable: Option<PolicyFile>,
+    instances: Option<u32>,
+}
+
+#[derive(Debug, Deserialize, Clone, Copy)]
+#[serde(rename_all = "snake_case")]
+enum PolicyFile {
+    Local,
+    Open,
+    Closed,
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RouteFile {
@@ -369,9 +391,56 @@ pub struct Config {
     /// The bound on keys tracked per scope.
     pub tracking: Tracking,
     pub rejections_per_second: u32,
+    /// Fleet-wide counting; `None` counts this instance's streams only.
+    pub cluster: Option<Cluster>,
     pub routes: Vec<Arc<Route>>,
     pub router: Router,
 }
+
+/// The `cluster` section: where the fleet's counts live and what to do when
+/// that store cannot be reached.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cluster {
+    /// `redis://[:password@]host:port[/db]`, a standalone server.
+    pub redis: String,
+    /// This instance's name in the store; unique within the fleet.
+    pub instance_id: String,
+    /// Every key starts with `{prefix}:`; the braces make it a Redis Cluster
+    /// hash tag, so all of a fleet's keys share one slot.
+    pub key_prefix: String,
+    /// How long an instance's slots outlive its last renewal.
+    pub lease: Duration,
+    /// The longest one Redis call may take before the policy applies.
+    pub call_timeout: Duration,
+    pub when_unreachable: Unreachable,
+    /// The fleet's size, for `local`: each instance enforces its share.
+    pub instances: u32,
+}
+
+/// What admission does while Redis cannot be reached (or answers too late).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unreachable {
+    /// Each instance enforces its share of every limit: the limit divided by
+    /// `instances`, rounded down, at least 1.
+    Local,
+    /// Admit, counting this instance's streams only.
+    Open,
+    /// Refuse every upgrade (scope `cluster_unavailable`).
+    Closed,
+}
+
+impl Unreachable {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Unreachable::Local => "local",
+            Unreachable::Open => "open",
+            Unreachable::Closed => "closed",
+        }
+    }
+}
+
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(15);
+pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_millis(250);
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Listener {
@@ -577,6 +646,18 @@ impl Checker<'_> {
             .map(|(i, _)| i + 1)
     }
 
+    /// The line of the first `key:`, whatever its value.
+    fn line_of_key(&self, key: &str) -> Option<usize> {
+        self.src
+            .lines()
+            .position(|l| {
+                l.trim_start()
+                    .strip_prefix(key)
+                    .is_some_and(|r| r.trim_start().starts_with(':'))
+            })
+            .map(|i| i + 1)
+    }
+
     fn convert(&mut self, path: &Path, raw: FileConfig) -> Option<Config> {
         let listeners = self.listeners(&raw.listen);
         let admin = match raw.admin.address.parse::<SocketAddr>() {
@@ -596,6 +677,7 @@ impl Checker<'_> {
         let (routes, router) = self.routes(raw.routes);
         let global_overrides = self.overrides("limits", raw.limits.overrides, false);
         let global_rate = self.rate("limits.rate", raw.limits.rate);
+        let cluster = raw.cluster.and_then(|c| self.cluster(c));
         let tracking = Tracking {
             max_keys: raw
                 .limits
@@ -645,6 +727,7 @@ impl Checker<'_> {
             global_rate,
             tracking,
             rejections_per_second: raw.log.rejections_per_second.unwrap_or(20),
+            cluster,
             routes,
             router,
         })
@@ -741,6 +824,87 @@ impl Checker<'_> {
         }
     }
 
+    fn cluster(&mut self, raw: ClusterFile) -> Option<Cluster> {
+        let problems = self.problems.len();
+        let redis = raw.redis.trim().to_string();
+        // TLS to Redis (`rediss://`) is not built in.
+        if !redis.starts_with("redis://") || redis::Client::open(redis.as_str()).is_err() {
+            self.problem(
+                self.line_of("redis", &raw.redis, 0),
+                "cluster.redis",
+                format!("`{redis}` is not a Redis URL (write e.g. redis://10.0.0.5:6379)"),
+            );
+        }
+        let instance_id = raw.instance_id.unwrap_or_else(default_instance_id);
+        self.name("instance_id", &instance_id);
+        let key_prefix = raw.key_prefix.unwrap_or_else(|| "wsgate".into());
+        self.name("key_prefix", &key_prefix);
+        let lease = raw.lease.map_or(DEFAULT_LEASE, |d| d.0);
+        let call_timeout = raw.call_timeout.map_or(DEFAULT_CALL_TIMEOUT, |d| d.0);
+        if lease < Duration::from_secs(1) {
+            self.problem(
+                self.line_of_key("lease"),
+                "cluster.lease",
+                "must be at least 1s",
+            );
+        } else if call_timeout.is_zero() || call_timeout * 3 > lease {
+            let line = self
+                .line_of_key("call_timeout")
+                .or(self.line_of_key("lease"));
+            self.problem(
+                line,
+                "cluster.call_timeout",
+                "must be above 0 and at most a third of `lease` (leases are renewed every third)",
+            );
+        }
+        let when_unreachable = match raw.when_unreachable {
+            None | Some(PolicyFile::Local) => Unreachable::Local,
+            Some(PolicyFile::Open) => Unreachable::Open,
+            Some(PolicyFile::Closed) => Unreachable::Closed,
+        };
+        let instances = self.fleet_size(when_unreachable, raw.instances);
+        (self.problems.len() == problems).then_some(Cluster {
+            redis,
+            instance_id,
+            key_prefix,
+            lease,
+            call_timeout,
+            when_unreachable,
+            instances,
+        })
+    }
+
+    /// `cluster.instances`: needed to share limits under `local`.
+    fn fleet_size(&mut self, policy: Unreachable, instances: Option<u32>) -> u32 {
+        match (policy, instances) {
+            (_, Some(0)) => {
+                let line = self.line_of_key("instances");
+                self.problem(line, "cluster.instances", "must be at least 1");
+                1
+            }
+            (Unreachable::Local, None) => {
+                self.problem(
+                    self.line_of_key("cluster"),
+                    "cluster.instances",
+                    "`when_unreachable: local` needs the fleet's size to share limits by",
+                );
+                1
+            }
+            (_, n) => n.unwrap_or(1),
+        }
+    }
+
+    /// Checks that `cluster.{key}` is a name safe inside Redis keys.
+    fn name(&mut self, key: &str, value: &str) {
+        if !is_name(value) {
+            self.problem(
+                self.line_of(key, value, 0),
+                format!("cluster.{key}"),
+                "use letters, digits, `-`, `_` or `.`",
+            );
+        }
+    }
+
     fn client_ip(&mut self, raw: ClientIpFile) -> Option<ClientPolicy> {
         let header = match raw
             .header
@@ -817,11 +981,7 @@ impl Checker<'_> {
 
     fn route(&mut self, i: usize, line: Option<usize>, r: RouteFile) -> Option<(Route, Matcher)> {
         let at = |f: &str| format!("routes[{i}].{f}");
-        let valid_name = !r.name.is_empty()
-            && r.name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
-        if !valid_name {
+        if !is_name(&r.name) {
             self.problem(line, at("name"), "use letters, digits, `-`, `_` or `.`");
         }
 
@@ -1085,6 +1245,33 @@ impl Checker<'_> {
     }
 }
 
+/// Letters, digits, `-`, `_` and `.`: safe as a metric label and inside a
+/// Redis key.
+fn is_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+}
+
+/// `hostname-pid`: unique on a host, and telling in the store.
+fn default_instance_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_default();
+    let host: String = host
+        .trim()
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || "-_.".contains(*c))
+        .collect();
+    let host = if host.is_empty() {
+        "wsgate".into()
+    } else {
+        host
+    };
+    format!("{host}-{}", std::process::id())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1251,6 +1438,61 @@ routes:
         for bad in ["*.*.example.com", "a.*.example.com", "*", "ex ample.com"] {
             let got = errors(&with_host(bad));
             assert!(got[0].contains("routes[0].host"), "{bad}: {got:?}");
+        }
+    }
+
+    #[test]
+    fn the_cluster_section_has_defaults_and_checks() {
+        let with = |body: &str| format!("{GOOD}cluster:\n{body}");
+        let c = parse(
+            Path::new("t.yaml"),
+            &with("  redis: redis://127.0.0.1:6379\n  instances: 3\n"),
+        )
+        .unwrap();
+        let cluster = c.cluster.unwrap();
+        assert_eq!(cluster.lease, DEFAULT_LEASE);
+        assert_eq!(cluster.call_timeout, DEFAULT_CALL_TIMEOUT);
+        assert_eq!(cluster.when_unreachable, Unreachable::Local);
+        assert_eq!(cluster.key_prefix, "wsgate");
+        assert!(cluster
+            .instance_id
+            .ends_with(&format!("-{}", std::process::id())));
+        assert!(parse(Path::new("t.yaml"), GOOD).unwrap().cluster.is_none());
+
+        let cases = [
+            (
+                "  redis: 10.0.0.5:6379\n  instances: 2\n",
+                "t.yaml:16: cluster.redis: `10.0.0.5:6379` is not a Redis URL",
+            ),
+            (
+                "  redis: redis://h:1\n",
+                "t.yaml:15: cluster.instances: `when_unreachable: local` needs",
+            ),
+            (
+                "  redis: redis://h:1\n  when_unreachable: open\n  lease: 500ms\n",
+                "t.yaml:18: cluster.lease: must be at least 1s",
+            ),
+            (
+                "  redis: redis://h:1\n  when_unreachable: open\n  call_timeout: 10s\n",
+                "t.yaml:18: cluster.call_timeout: must be above 0",
+            ),
+            (
+                "  redis: redis://h:1\n  instance_id: a b\n  instances: 2\n",
+                "t.yaml:17: cluster.instance_id: use letters",
+            ),
+            (
+                "  redis: redis://h:1\n  when_unreachable: maybe\n",
+                "t.yaml:17:21: cluster.when_unreachable: unknown variant `maybe`",
+            ),
+        ];
+        for (body, want) in cases {
+            let got = errors(&with(body));
+            assert_eq!(got.len(), 1, "{got:?}");
+            assert!(
+                got[0].starts_with(want),
+                "got {:?}, want prefix {want:?}",
+                got[0]
+            );
         }
     }
 

@@ -5,7 +5,8 @@
 //! reload never changes the rules under a request in flight. Counts live in
 //! the [`AdmissionTable`], outside the snapshot, so they survive reloads.
 
-use crate::admission::{AdmissionTable, RouteSlots, Scope};
+use crate::admission::{Admission, AdmissionTable, Ask, RouteSlots, Scope};
+use crate::cluster::Fleet;
 use crate::config::{Config, Route};
 use crate::metrics::Metrics;
 use crate::refusal::RejectionLog;
@@ -49,6 +50,8 @@ pub struct Gateway {
     live: ArcSwap<Snapshot>,
     pub table: AdmissionTable,
     pub metrics: Metrics,
+    /// The fleet's shared counts, when the config has a `cluster` section.
+    pub fleet: Option<Arc<Fleet>>,
     pub rejections: RejectionLog,
     /// Budget for the warning logged when an upstream fails an upgrade.
     pub failure_log: RejectionLog,
@@ -63,6 +66,11 @@ pub enum ApplyError {
         index: usize,
         message: String,
     },
+    #[error("{file}: cluster.redis: {source}")]
+    Cluster {
+        file: String,
+        source: crate::cluster::StoreError,
+    },
 }
 
 impl Gateway {
@@ -74,6 +82,15 @@ impl Gateway {
         metrics.last_reload_success_time.set(unix_now());
         let rejections = RejectionLog::new(config.rejections_per_second);
         let failure_log = RejectionLog::new(config.rejections_per_second);
+        let fleet = match &config.cluster {
+            None => None,
+            Some(c) => Some(Fleet::new(c.clone(), metrics.registry()).map_err(|source| {
+                ApplyError::Cluster {
+                    file: config.file.display().to_string(),
+                    source,
+                }
+            })?),
+        };
         Ok(Arc::new(Self {
             live: ArcSwap::from_pointee(Snapshot {
                 config,
@@ -81,9 +98,24 @@ impl Gateway {
             }),
             table,
             metrics,
+            fleet,
             rejections,
             failure_log,
         }))
+    }
+
+    /// Takes the slots of one upgrade on `live`: in this instance's table,
+    /// then, with a fleet, in the fleet's shared counts.
+    pub async fn admit(&self, live: &LiveRoute, ask: &Ask<'_>) -> Admission {
+        let local = self.table.admit(&live.slots, ask);
+        match &self.fleet {
+            None => local,
+            Some(fleet) => {
+                fleet
+                    .admit(&self.table, &live.route.name, &live.slots, ask, local)
+                    .await
+            }
+        }
     }
 
     /// The snapshot in force now.

@@ -3,7 +3,8 @@
 //! Modules in the order a request meets them: `config` says what is allowed
 //! (`pem` checks the TLS files it names), `request` tells a stream from
 //! plain HTTP, `route` finds the route and its key, `client` names the
-//! client, `admission` takes the slots, `refusal` answers when it cannot,
+//! client, `admission` takes the slots (and `cluster` takes them across a
+//! fleet of instances), `refusal` answers when it cannot,
 //! `proxy` hooks into Pingora and `relay` carries the stream; `gateway`
 //! holds the shared state, `metrics` and `admin` report on it, `server`
 //! wires it up.
@@ -12,6 +13,7 @@
 pub mod admin;
 pub mod admission;
 pub mod client;
+pub mod cluster;
 pub mod config;
 pub mod conn;
 pub mod gateway;

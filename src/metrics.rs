@@ -240,6 +240,11 @@ impl Metrics {
         }
     }
 
+    /// The registry, for metrics owned by other modules (the fleet's).
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
     /// Sets the per-route series to the config just applied: limits, and
     /// zeroed counters so a route shows up before its first stream.
     pub fn apply_config(&self, config: &Config) {

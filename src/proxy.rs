@@ -126,7 +126,7 @@ impl ProxyHttp for Proxy {
         let client = snapshot.config.client.identify(peer, &req.headers);
         let ask = ask_for(&snapshot.config, &live.route, found.key.as_deref(), &client);
 
-        match self.gateway.table.admit(&live.slots, &ask) {
+        match self.gateway.admit(live, &ask).await {
             Admission::Admitted {
                 permit,
                 would_refuse,

@@ -128,6 +128,11 @@ fn needs_restart(old: &Config, new: &Config) -> Option<&'static str> {
     if old.admin != new.admin {
         return Some("admin.address");
     }
+    // The store, the instance's name in it and the lease are fixed while
+    // the instance holds slots there; the whole section restarts together.
+    if old.cluster != new.cluster {
+        return Some("cluster");
+    }
     let (o, n) = (&old.server, &new.server);
     let fields = [
         (o.threads != n.threads, "server.threads"),
@@ -170,6 +175,11 @@ impl BackgroundService for ReloadService {
                 None
             }
         };
+        // A change written after startup read the file but before the watch
+        // began raised no event; the digest check makes this a no-op
+        // otherwise.
+        let reloader = self.reloader.clone();
+        let _ = tokio::task::spawn_blocking(move || reloader.reload(Trigger::FileChange)).await;
 
         loop {
             let trigger = tokio::select! {

@@ -124,6 +124,12 @@ pub fn build(config: Config, options: RunOptions) -> anyhow::Result<(Server, Arc
     server.add_service(admin);
     server.add_service(reload);
     server.add_service(sweep);
+    if let Some(fleet) = &gateway.fleet {
+        server.add_service(background_service(
+            "wsgate fleet",
+            crate::cluster::FleetService(fleet.clone()),
+        ));
+    }
     Ok((server, gateway))
 }
 

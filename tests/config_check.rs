@@ -112,6 +112,30 @@ fn each_bad_file_gives_its_one_line_and_exit_1() {
             "bad.yaml:4: limits.connections_per_client: must be at least 1",
         ),
         (
+            "cluster without a Redis URL",
+            "routes:\n",
+            "cluster:\n  redis: 10.0.0.5:6379\n  instances: 2\nroutes:\n",
+            "bad.yaml:4: cluster.redis: `10.0.0.5:6379` is not a Redis URL",
+        ),
+        (
+            "cluster policy misspelt",
+            "routes:\n",
+            "cluster:\n  redis: redis://127.0.0.1:6379\n  when_unreachable: closd\nroutes:\n",
+            "bad.yaml:5:21: cluster.when_unreachable: unknown variant `closd`",
+        ),
+        (
+            "cluster sharing limits without a fleet size",
+            "routes:\n",
+            "cluster:\n  redis: redis://127.0.0.1:6379\nroutes:\n",
+            "bad.yaml:3: cluster.instances: `when_unreachable: local` needs the fleet's size",
+        ),
+        (
+            "cluster call timeout over a third of the lease",
+            "routes:\n",
+            "cluster:\n  redis: redis://127.0.0.1:6379\n  when_unreachable: open\n  lease: 3s\n  call_timeout: 2s\nroutes:\n",
+            "bad.yaml:7: cluster.call_timeout: must be above 0 and at most a third of `lease`",
+        ),
+        (
             "not YAML",
             "    key: room\n",
             "    key: room\n   bad indent: [\n",
