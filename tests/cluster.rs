@@ -535,6 +535,93 @@ async fn a_reload_changes_limits_fleet_wide_but_not_the_cluster() {
 /// The extra latency of one upgrade in a fleet (one Redis round trip), next
 /// to local counting. Not a check: run it by hand and read the output,
 /// `cargo test --release --test cluster -- --ignored --nocapture`.
+/// A new process started with `--upgrade` that takes the listeners over
+/// while the old one drains; killed when dropped.
+struct Upgraded(Child);
+
+impl Drop for Upgraded {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_binary_upgrade_in_a_fleet_never_admits_twice_the_limit() {
+    let redis = Redis::start().await;
+    let up = Upstream::start().await;
+    // Default instance ids (host and pid), so the old and the new process
+    // count apart; a drain long enough to upgrade within it.
+    let body = format!(
+        "cluster:\n  redis: {}\n  lease: 2s\n  call_timeout: 600ms\n  when_unreachable: closed\n\
+         routes:\n  - name: total\n    prefix: /total\n{}    limits:\n      total: 3\n",
+        redis.url(),
+        upstream_yaml(up.addr)
+    );
+    let old = Wsgate::start_with_server("  grace_period: 60s\n", &body).await;
+    let url = old.url("/total");
+    let held: Vec<Ws> = join_all((0..3).map(|_| connect(&url)))
+        .await
+        .into_iter()
+        .map(Attempt::into_open)
+        .collect();
+    wait_fleet_live(&old, "total", 3, Duration::from_secs(10)).await;
+
+    // The new process waits on the upgrade socket; SIGQUIT hands it the
+    // listeners, and the old one drains its three streams.
+    let log = std::fs::File::create(old.dir.path().join("new.log")).unwrap();
+    let new = Upgraded(
+        Command::new(env!("CARGO_BIN_EXE_wsgate"))
+            .arg("--config")
+            .arg(&old.config_path)
+            .arg("--upgrade")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let sock = old.dir.path().join("upgrade.sock");
+    eventually(Duration::from_secs(20), "the new process waits", || async {
+        sock.exists().then_some(())
+    })
+    .await;
+    old.signal("QUIT");
+    eventually(Duration::from_secs(20), "listeners handed over", || async {
+        old.log().contains("listener sockets sent").then_some(())
+    })
+    .await;
+    let new_pid = new.0.id().to_string();
+    eventually(
+        Duration::from_secs(20),
+        "the new process serves",
+        || async {
+            let status = old.status().await;
+            let id = status["cluster"]["instance_id"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            id.ends_with(&format!("-{new_pid}")).then_some(())
+        },
+    )
+    .await;
+
+    // The new process counts the old one's streams: the limit holds.
+    assert_eq!(fleet_live(&old, "total").await, Some(3));
+    let over = connect(&old.url("/total")).await;
+    assert_eq!(
+        over.status(),
+        503,
+        "admitted past the limit during a deploy"
+    );
+
+    // As the old process's streams end, the new one admits again.
+    drop(held);
+    wait_fleet_live(&old, "total", 0, Duration::from_secs(20)).await;
+    let fresh = connect(&old.url("/total")).await;
+    assert_eq!(fresh.status(), 101);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore]
 async fn upgrade_latency_local_and_fleet() {

@@ -99,9 +99,15 @@ impl Wsgate {
     ) -> Result<Wsgate, String> {
         let dir = tempfile::tempdir().unwrap();
         let (port, admin_port) = (free_port(), free_port());
+        // A short drain unless the test sets its own.
+        let grace = if server_yaml.contains("grace_period:") {
+            ""
+        } else {
+            "  grace_period: 1s\n"
+        };
         let header = format!(
             "listen:\n  - address: 127.0.0.1:{port}\n{listener_yaml}admin:\n  address: 127.0.0.1:{admin_port}\n\
-             server:\n  threads: 2\n  pid_file: {d}/wsgate.pid\n  upgrade_sock: {d}/upgrade.sock\n  grace_period: 1s\n{server_yaml}",
+             server:\n  threads: 2\n  pid_file: {d}/wsgate.pid\n  upgrade_sock: {d}/upgrade.sock\n{grace}{server_yaml}",
             d = dir.path().display()
         );
         let config = format!("{header}{body}");
