@@ -151,7 +151,10 @@ run. Run parameters: `{args.params}`; the runs took {args.elapsed} s.
   `direct` it is the echo upstream's own growth (the client side of nothing),
   shown for scale. KB = 1,000 bytes.
 - **RSS after close / baseline**: RSS 2 s after every held stream closed,
-  over the RSS before they opened.
+  over the RSS before they opened. Every target first opens, holds and
+  closes a warm-up of 1,000 streams (`WARM`), unrecorded, so the baseline
+  includes what the first streams page in or start for good (code, worker
+  pools) and the ratio shows memory kept by the streams themselves.
 - **upgrades/s**: upgrade then close, {fmt(rate_conc)} tasks at once, for the rate time.
 - **msgs/s**: {fmt(echo_conns)} connections, each sending one binary message and waiting
   for its echo before the next; p99 is of those round trips.

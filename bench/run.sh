@@ -9,7 +9,8 @@
 # Each proxy is started fresh for each repeat and stopped by its PID.
 #
 # Measured per target and repeat, with examples/wsload.rs:
-#   hold   HELD streams opened over loopback sources, held HOLD; RSS of the
+#   hold   after an unrecorded warm-up of WARM streams, HELD streams opened
+#          over loopback sources, held HOLD; RSS of the
 #          proxy processes at baseline, held and after close
 #   rate   upgrade+close per second from RATE_CONC tasks for RATE_SECS
 #   echo   ECHO_CONNS connections echoing 64 B and 16 KiB messages
@@ -17,10 +18,11 @@
 #          from one client (client limit 10): 101s must be exactly the limit
 #
 # Usage: bench/run.sh            (as root on Debian, for apt-get)
-# Knobs: HELD=9900 REPEATS=3 HOLD=3s ECHO_SECS=5s RATE_SECS=5s OUT=docs/benchmarks.md
+# Knobs: HELD=9900 WARM=1000 REPEATS=3 HOLD=3s ECHO_SECS=5s RATE_SECS=5s OUT=docs/benchmarks.md
 set -euo pipefail
 
 HELD=${HELD:-9900}
+WARM=${WARM:-1000}
 REPEATS=${REPEATS:-3}
 HOLD=${HOLD:-3s}
 ECHO_CONNS=${ECHO_CONNS:-50}
@@ -245,6 +247,10 @@ for repeat in $(seq "$REPEATS"); do
         log "repeat $repeat/$REPEATS: $target"
         start_target "$target"
         url="ws://127.0.0.1:$PORT"
+        # Warm-up, not recorded: the first streams page in code and start
+        # worker pools, which stay; the baseline is taken after them.
+        "$WSLOAD" hold "$url/ws" -n "$WARM" --hold 1s >/dev/null
+        sleep 2
         load "$target" "$repeat" hold hold "$url/ws" -n "$HELD" --hold "$HOLD" --pids "$PIDS"
         load "$target" "$repeat" rate rate "$url/ws" -c "$RATE_CONC" --duration "$RATE_SECS"
         load "$target" "$repeat" echo64 echo "$url/ws" -c "$ECHO_CONNS" --size 64 --duration "$ECHO_SECS"
@@ -268,7 +274,7 @@ MACHINE=$(printf '%s\n' "$(nproc) cores: $(lscpu | sed -n 's/^Model name: *//p' 
 
 python3 "$ROOT/bench/report.py" "$RESULTS" "$OUT" \
     --machine "$MACHINE" --elapsed "$ELAPSED" --micro "$WORK/micro.txt" \
-    --params "HELD=$HELD REPEATS=$REPEATS HOLD=$HOLD ECHO_CONNS=$ECHO_CONNS ECHO_SECS=$ECHO_SECS RATE_SECS=$RATE_SECS RATE_CONC=$RATE_CONC BURST_N=$BURST_N" \
+    --params "HELD=$HELD WARM=$WARM REPEATS=$REPEATS HOLD=$HOLD ECHO_CONNS=$ECHO_CONNS ECHO_SECS=$ECHO_SECS RATE_SECS=$RATE_SECS RATE_CONC=$RATE_CONC BURST_N=$BURST_N" \
     --config "wsgate.yaml=$WORK/wsgate.yaml" --config "nginx.conf=$WORK/nginx.conf" \
     --config "haproxy.cfg=$WORK/haproxy.cfg"
 log "wrote $OUT in ${ELAPSED}s of runs; raw results in $RESULTS"
