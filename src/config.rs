@@ -575,8 +575,11 @@ pub fn parse(path: &Path, src: &str) -> Result<Config, ConfigError> {
         file,
         src,
         problems: Vec::new(),
+        from: 0,
     };
     let config = check.convert(path, raw);
+    // In file order; problems without a line (whole-file ones) last.
+    check.problems.sort_by_key(|p| p.line.unwrap_or(usize::MAX));
     match config {
         Some(config) if check.problems.is_empty() => Ok(config),
         _ => Err(ConfigError::Invalid(check.problems)),
@@ -612,6 +615,9 @@ struct Checker<'a> {
     file: String,
     src: &'a str,
     problems: Vec<Problem>,
+    /// Lines before this index are skipped when looking a key up: set to
+    /// a route's first line while that route is checked.
+    from: usize,
 }
 
 impl Checker<'_> {
@@ -636,6 +642,7 @@ impl Checker<'_> {
         self.src
             .lines()
             .enumerate()
+            .skip(self.from)
             .filter(|(_, l)| {
                 let l = l.trim_start().trim_start_matches("- ");
                 l.strip_prefix(key)
@@ -971,7 +978,12 @@ impl Checker<'_> {
                 );
             }
             names.push(r.name.clone());
-            if let Some((route, matcher)) = self.route(i, line, r) {
+            // A route's own keys come after its name: search from there, so
+            // a value repeated in several routes is found in this one.
+            self.from = line.map_or(0, |l| l - 1);
+            let built = self.route(i, line, r);
+            self.from = 0;
+            if let Some((route, matcher)) = built {
                 routes.push(Arc::new(route));
                 matchers.push(matcher);
             }
@@ -1058,7 +1070,7 @@ impl Checker<'_> {
         ] {
             if v == Some(0) {
                 self.problem(
-                    line,
+                    self.line_of(f, "0", 0).or(line),
                     at(&format!("limits.{f}")),
                     "must be at least 1 (leave it out for no limit)",
                 );

@@ -173,6 +173,33 @@ fn every_semantic_problem_is_listed_at_once() {
 }
 
 #[test]
+fn a_mistake_repeated_in_several_routes_is_placed_in_each() {
+    let route = |name: &str, extra: &str| {
+        format!(
+            "  - name: {name}\n    prefix: /{name}\n    upstream:\n      url: http://127.0.0.1:8787/x\n{extra}"
+        )
+    };
+    let src = format!(
+        "listen:\n  - address: 127.0.0.1:18080\nroutes:\n{}{}{}",
+        route("a", ""),
+        route("b", "    limits:\n      per_client: 0\n"),
+        route("c", "")
+    );
+    let (code, _, stderr) = check(&src);
+    assert_eq!(code, 1);
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            "bad.yaml:7: routes[0].upstream.url: paths are not rewritten: give scheme, host and port only",
+            "bad.yaml:11: routes[1].upstream.url: paths are not rewritten: give scheme, host and port only",
+            "bad.yaml:13: routes[1].limits.per_client: must be at least 1 (leave it out for no limit)",
+            "bad.yaml:17: routes[2].upstream.url: paths are not rewritten: give scheme, host and port only",
+        ]
+    );
+}
+
+#[test]
 fn a_missing_file_is_one_clear_line() {
     let out = wsgate(&["check", "--config", "/nonexistent/wsgate.yaml"]);
     assert_eq!(out.status.code(), Some(1));
