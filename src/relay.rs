@@ -156,7 +156,13 @@ pub async fn run(
         // so bound each read of the answer's body as a plain response's is:
         // an upstream that stalls mid-body must not hold the client forever.
         upstream.read_timeout = Some(bounds.handshake_timeout);
-        pass_on_refusal(session, &mut upstream, head).await;
+        // And the whole answer: one trickled a byte at a time, each within
+        // the read timeout, would otherwise hold the client for as long as
+        // the upstream likes, even once the client has gone.
+        let pass_on = pass_on_refusal(session, &mut upstream, head);
+        if tokio::time::timeout(REFUSAL_LIMIT, pass_on).await.is_err() {
+            session.set_keepalive(None);
+        }
         return Outcome::Failed {
             reason: UpstreamFailure::Status,
             answered,
@@ -207,7 +213,15 @@ async fn handshake(
 
     let exchange = async {
         up.write_request_header(Box::new(request)).await?;
-        up.read_response().await
+        // Interim answers (100 Continue, 103 Early Hints) come before the
+        // real one and mean nothing to a WebSocket client: skip them.
+        loop {
+            up.read_response().await?;
+            let status = up.resp_header().map(|h| h.status.as_u16());
+            if !matches!(status, Some(100 | 102..=199)) {
+                return Ok(());
+            }
+        }
     };
     match tokio::time::timeout(bounds.handshake_timeout, exchange).await {
         Ok(Ok(_)) => Ok(up),
@@ -326,6 +340,9 @@ pub async fn pump(client: &mut Stream, up: Upgraded, bounds: Bounds) -> End {
     let _ = tokio::time::timeout(CLOSE_GRACE, close).await;
     end
 }
+
+/// How long an upstream's non-101 answer may take to pass on, head and body.
+const REFUSAL_LIMIT: Duration = Duration::from_secs(30);
 
 /// The most one read takes from a socket: a 16 KiB message and its frame
 /// header in one read, not two. It lives on the stack only while a

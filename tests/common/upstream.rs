@@ -8,7 +8,8 @@
 //!   the text `close-me` makes it close the socket, `reset-me` reset it;
 //!   under `/flood`, it sends 32 MiB in binary messages at once, then
 //!   waits for the client to end the stream; under `/greet`, the text
-//!   `hello` goes out in the same write as the 101;
+//!   `hello` goes out in the same write as the 101; under `/early`, a
+//!   `103 Early Hints` comes first;
 //! - anything else: 200 `plain`.
 
 use futures_util::{SinkExt, StreamExt};
@@ -138,6 +139,12 @@ async fn serve(mut stream: TcpStream, counters: Arc<Counters>) {
                 "HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\nsec-websocket-accept: {accept}\r\n\r\n"
             )
             .into_bytes();
+            if path.starts_with("/early") {
+                let hints = b"HTTP/1.1 103 Early Hints\r\nlink: </a.js>; rel=preload\r\n\r\n";
+                if stream.write_all(hints).await.is_err() {
+                    return;
+                }
+            }
             if path.starts_with("/greet") {
                 // An unmasked text frame, as a server sends it.
                 resp.extend_from_slice(b"\x81\x05hello");
