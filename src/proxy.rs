@@ -266,7 +266,12 @@ impl Proxy {
                 error,
             } => {
                 self.count_failure(live, reason);
-                let error = error.map_or_else(String::new, |e| e.to_string());
+                let mut error = error.map_or_else(String::new, |e| e.to_string());
+                // The error may quote what the upstream sent: keep the line short.
+                if let Some((at, _)) = error.char_indices().nth(LOGGED_ERROR_CHARS) {
+                    error.truncate(at);
+                    error.push('…');
+                }
                 if reason == UpstreamFailure::Status {
                     // The upstream's own answer: its decision, not a fault.
                     tracing::debug!(%route, answered, "upstream declined the upgrade");
@@ -310,6 +315,9 @@ impl Proxy {
             .inc();
     }
 }
+
+/// The most of an upstream error a log line quotes.
+const LOGGED_ERROR_CHARS: usize = 512;
 
 /// What admission is asked for one upgrade: the route's limits with any
 /// override for this client (matched on its own address) or this key, and
