@@ -59,6 +59,10 @@ fn main() -> ExitCode {
     match cli.command {
         Some(Command::Check { config }) => check(&config),
         None => {
+            if let Err(e) = wsgate::reload::catch_early_sighup() {
+                eprintln!("wsgate: cannot catch SIGHUP: {e}");
+                return ExitCode::FAILURE;
+            }
             init_logging(cli.log_format);
             let path = cli.config.expect("clap requires --config");
             match run(&path, cli.upgrade) {

@@ -13,13 +13,27 @@ use notify::{RecursiveMode, Watcher};
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 use tokio::sync::mpsc;
 
 /// How long the file must be quiet before a change is read: editors and
 /// ConfigMap updates write in several steps.
 const DEBOUNCE: Duration = Duration::from_millis(200);
+
+/// Set by a SIGHUP that arrives before the reload service listens.
+static EARLY_SIGHUP: OnceLock<Arc<AtomicBool>> = OnceLock::new();
+
+/// Catches SIGHUP from now on. Call first thing at startup: until the reload
+/// service listens (after the config is loaded and the listeners are up), a
+/// SIGHUP would otherwise end the process, and a `systemctl reload` right
+/// after a start would stop wsgate for good. One that arrives early is acted
+/// on when the service starts.
+pub fn catch_early_sighup() -> std::io::Result<()> {
+    let flag = EARLY_SIGHUP.get_or_init(Arc::default).clone();
+    signal_hook::flag::register(signal_hook::consts::SIGHUP, flag).map(|_| ())
+}
 
 /// What asked for a reload, for the log line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -178,8 +192,16 @@ impl BackgroundService for ReloadService {
         // A change written after startup read the file but before the watch
         // began raised no event; the digest check makes this a no-op
         // otherwise.
+        let early = EARLY_SIGHUP
+            .get()
+            .is_some_and(|f| f.swap(false, Ordering::AcqRel));
+        let trigger = if early {
+            Trigger::Signal
+        } else {
+            Trigger::FileChange
+        };
         let reloader = self.reloader.clone();
-        let _ = tokio::task::spawn_blocking(move || reloader.reload(Trigger::FileChange)).await;
+        let _ = tokio::task::spawn_blocking(move || reloader.reload(trigger)).await;
 
         loop {
             let trigger = tokio::select! {

@@ -71,3 +71,84 @@ async fn sigint_exits_at_once() {
     )
     .await;
 }
+
+/// Kills the child when dropped, whatever the test did.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sighup_at_startup_is_a_reload_not_an_exit() {
+    let up = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (port, admin) = (free_port(), free_port());
+    let config = dir.path().join("wsgate.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen:\n  - address: 127.0.0.1:{port}\nadmin:\n  address: 127.0.0.1:{admin}\n\
+             server:\n  pid_file: {d}/wsgate.pid\n  upgrade_sock: {d}/upgrade.sock\n\
+             routes:\n  - name: relay\n    prefix: /\n{}",
+            upstream_yaml(up.addr),
+            d = dir.path().display()
+        ),
+    )
+    .unwrap();
+
+    // The signal goes out as soon as the process catches SIGHUP at all,
+    // long before it has read its config or bound a socket (as a
+    // `systemctl reload` right after a start would).
+    let child = Child(
+        std::process::Command::new(env!("CARGO_BIN_EXE_wsgate"))
+            .arg("--config")
+            .arg(&config)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let hup = || {
+        std::process::Command::new("kill")
+            .args(["-HUP", &child.0.id().to_string()])
+            .status()
+            .unwrap()
+    };
+    let status = format!("/proc/{}/status", child.0.id());
+    eventually(Duration::from_secs(10), "SIGHUP is caught", || async {
+        let text = std::fs::read_to_string(&status).ok()?;
+        let caught = text.lines().find_map(|l| l.strip_prefix("SigCgt:"))?;
+        let mask = u64::from_str_radix(caught.trim(), 16).ok()?;
+        (mask & 1 == 1).then_some(())
+    })
+    .await;
+    assert!(hup().success());
+
+    let admin_addr: std::net::SocketAddr = format!("127.0.0.1:{admin}").parse().unwrap();
+    let reloads = || async {
+        let (_, body) = http_get(admin_addr, "/metrics", &[]).await?;
+        let m = Metrics::parse(&body);
+        Some(m.get("wsgate_config_reloads_total", &[("result", "success")]))
+    };
+    eventually(
+        Duration::from_secs(20),
+        "the early SIGHUP reloaded",
+        || async { reloads().await.filter(|n| *n >= 1.0) },
+    )
+    .await;
+
+    // Later ones are reloads too, and it serves throughout.
+    assert!(hup().success());
+    eventually(Duration::from_secs(10), "a second reload", || async {
+        reloads().await.filter(|n| *n >= 2.0)
+    })
+    .await;
+    let mut ws = connect(&format!("ws://127.0.0.1:{port}/ws"))
+        .await
+        .into_open();
+    echo(&mut ws, "still here").await;
+}
