@@ -53,6 +53,9 @@ pub struct Metrics {
     pub last_reload_success_time: IntGauge,
     pub connections_open: IntGauge,
     pub connections_closed: IntCounterVec,
+    /// One scrape at a time: a scrape clears the table's gauges and sets
+    /// them again, and one running alongside must not read them cleared.
+    render: std::sync::Mutex<()>,
 }
 
 /// Why wsgate closed a client connection before any request was answered.
@@ -237,6 +240,7 @@ impl Metrics {
             last_reload_success_time,
             connections_open,
             connections_closed,
+            render: std::sync::Mutex::new(()),
         }
     }
 
@@ -270,6 +274,7 @@ impl Metrics {
 
     /// The Prometheus text exposition of wsgate's metrics and Pingora's own.
     pub fn render(&self, table: &AdmissionTable) -> String {
+        let _one_at_a_time = self.render.lock().unwrap_or_else(|e| e.into_inner());
         self.streams_active.reset();
         self.tracked_keys.reset();
         self.busiest.reset();

@@ -247,3 +247,51 @@ async fn bytes_sent_right_after_either_head_are_relayed() {
     drop((s, ws));
     gw.wait_active("relay", 0).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interim_answer_before_the_101_is_skipped() {
+    let up = Upstream::start().await;
+    let gw = Wsgate::start(&route(up.addr)).await;
+
+    let mut ws = connect(&gw.url("/early")).await.into_open();
+    echo(&mut ws, "after early hints").await;
+    drop(ws);
+    gw.wait_active("relay", 0).await;
+    assert!(!gw.log().contains("panicked"), "{}", gw.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_scrapes_each_see_every_series() {
+    let up = Upstream::start().await;
+    let gw = Wsgate::start(&route(up.addr)).await;
+    let url = gw.url("/ws");
+    let held: Vec<_> = futures_util::future::join_all((0..3).map(|_| connect(&url)))
+        .await
+        .into_iter()
+        .map(|a| a.into_open())
+        .collect();
+
+    // Scrapes racing each other: none may catch another between clearing
+    // the per-route gauges and setting them again.
+    let scrapes = (0..6).map(|_| async {
+        let mut seen = Vec::new();
+        for _ in 0..100 {
+            let m = gw.metrics().await;
+            seen.push(m.get("wsgate_streams_active", &[("route", "relay")]));
+        }
+        seen
+    });
+    let seen: Vec<f64> = futures_util::future::join_all(scrapes)
+        .await
+        .into_iter()
+        .flatten()
+        .collect();
+    let wrong = seen.iter().filter(|v| **v != 3.0).count();
+    assert_eq!(
+        wrong,
+        0,
+        "{wrong} of {} scrapes missed the live count",
+        seen.len()
+    );
+    drop(held);
+}
