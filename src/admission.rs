@@ -42,10 +42,14 @@ pub enum Scope {
     /// The fleet's shared counts cannot be reached and the cluster policy
     /// is `closed`.
     ClusterUnavailable,
+    /// This process took over from a previous one (`--upgrade`) that may
+    /// still hold streams it cannot see; it admits none until that one
+    /// has exited (`server.after_upgrade: wait`).
+    PreviousProcess,
 }
 
 impl Scope {
-    pub const ALL: [Scope; 7] = [
+    pub const ALL: [Scope; 8] = [
         Scope::Route,
         Scope::Key,
         Scope::Client,
@@ -53,6 +57,7 @@ impl Scope {
         Scope::ClientRate,
         Scope::TrackingFull,
         Scope::ClusterUnavailable,
+        Scope::PreviousProcess,
     ];
 
     /// The metric label and the word used in refusal bodies.
@@ -65,6 +70,7 @@ impl Scope {
             Scope::ClientRate => "client_rate",
             Scope::TrackingFull => "tracking_full",
             Scope::ClusterUnavailable => "cluster_unavailable",
+            Scope::PreviousProcess => "previous_process",
         }
     }
 }

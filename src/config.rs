@@ -219,6 +219,21 @@ struct ServerFile {
     tcp_keepalive: Option<KeepaliveFile>,
     head_timeout: Option<Dur>,
     max_head_bytes: Option<usize>,
+    after_upgrade: Option<AfterUpgrade>,
+}
+
+/// What a process that took over with `--upgrade` does while the previous
+/// one drains.
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum AfterUpgrade {
+    /// Admit no upgrade until the previous process has exited: its streams
+    /// are not in this process's counts. The default without `cluster`.
+    Wait,
+    /// Admit at once: the two processes together may hold up to twice a
+    /// limit until the previous one exits. The default with `cluster`,
+    /// where both count in Redis and the limit holds.
+    Admit,
 }
 
 #[derive(Debug, Deserialize)]
@@ -463,6 +478,8 @@ pub struct ServerSettings {
     /// The largest request head read; a longer one closes the connection.
     /// Reloadable.
     pub max_head_bytes: usize,
+    /// `None`: `Wait`, or `Admit` with a cluster. Read at startup.
+    pub after_upgrade: Option<AfterUpgrade>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -819,6 +836,7 @@ impl Checker<'_> {
         ServerSettings {
             head_timeout,
             max_head_bytes,
+            after_upgrade: raw.after_upgrade,
             threads: raw.threads.unwrap_or(2).max(1),
             pid_file: raw
                 .pid_file

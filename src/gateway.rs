@@ -13,6 +13,7 @@ use crate::refusal::RejectionLog;
 use arc_swap::ArcSwap;
 use pingora::utils::tls::WrappedX509;
 use prometheus::{Histogram, IntCounter};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
 /// One route with everything the hot path needs already looked up: its
@@ -55,6 +56,9 @@ pub struct Gateway {
     pub rejections: RejectionLog,
     /// Budget for the warning logged when an upstream fails an upgrade.
     pub failure_log: RejectionLog,
+    /// The pid of a previous process this one took over from and waits
+    /// for before admitting upgrades; 0 when there is none (see `upgrade`).
+    previous: AtomicU32,
 }
 
 /// Why a config could not be put in force.
@@ -101,12 +105,32 @@ impl Gateway {
             fleet,
             rejections,
             failure_log,
+            previous: AtomicU32::new(0),
         }))
     }
 
     /// Takes the slots of one upgrade on `live`: in this instance's table,
     /// then, with a fleet, in the fleet's shared counts.
     pub async fn admit(&self, live: &LiveRoute, ask: &Ask<'_>) -> Admission {
+        // A previous process may still hold streams this one cannot count.
+        let waiting = self.previous_process().is_some();
+        if waiting && !ask.dry_run {
+            return Admission::Refused(Scope::PreviousProcess);
+        }
+        let admission = self.admit_counted(live, ask).await;
+        match admission {
+            Admission::Admitted {
+                permit,
+                would_refuse: None,
+            } if waiting => Admission::Admitted {
+                permit,
+                would_refuse: Some(Scope::PreviousProcess),
+            },
+            other => other,
+        }
+    }
+
+    async fn admit_counted(&self, live: &LiveRoute, ask: &Ask<'_>) -> Admission {
         let local = self.table.admit(&live.slots, ask);
         match &self.fleet {
             None => local,
@@ -116,6 +140,20 @@ impl Gateway {
                     .await
             }
         }
+    }
+
+    /// Admits no upgrade until process `pid` has exited.
+    pub fn wait_for_previous(&self, pid: u32) {
+        self.previous.store(pid, Ordering::Release);
+    }
+
+    /// The previous process upgrades wait for, if any.
+    pub fn previous_process(&self) -> Option<u32> {
+        Some(self.previous.load(Ordering::Acquire)).filter(|pid| *pid != 0)
+    }
+
+    pub fn previous_exited(&self) {
+        self.previous.store(0, Ordering::Release);
     }
 
     /// The snapshot in force now.

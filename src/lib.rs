@@ -27,3 +27,4 @@ pub mod reload;
 pub mod request;
 pub mod route;
 pub mod server;
+pub mod upgrade;

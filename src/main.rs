@@ -101,10 +101,14 @@ fn run(path: &std::path::Path, upgrade: bool) -> anyhow::Result<std::convert::In
         .collect();
     let listeners = listeners.join(",");
     let admin = config.admin;
+    // Read before this process writes its own pid there.
+    let previous = upgrade
+        .then(|| wsgate::upgrade::previous_pid(&config.server.pid_file))
+        .flatten();
 
-    let (mut server, _gateway) =
-        wsgate::server::build(config, wsgate::server::RunOptions { upgrade })
-            .with_context(|| format!("starting with {}", path.display()))?;
+    let options = wsgate::server::RunOptions { upgrade, previous };
+    let (mut server, _gateway) = wsgate::server::build(config, options)
+        .with_context(|| format!("starting with {}", path.display()))?;
     server.bootstrap();
     // Pingora writes the pid file only when it daemonises; wsgate runs in the
     // foreground, so it writes the file itself for supervisors and scripts.

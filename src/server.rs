@@ -2,11 +2,12 @@
 //! the proxy listeners and the admin listener.
 
 use crate::admin::Admin;
-use crate::config::{Config, Keepalive};
+use crate::config::{AfterUpgrade, Config, Keepalive};
 use crate::conn::Front;
 use crate::gateway::Gateway;
 use crate::proxy::Proxy;
 use crate::reload::{ReloadService, Reloader};
+use crate::upgrade::PreviousWatch;
 use anyhow::Context;
 use async_trait::async_trait;
 use pingora::connectors::http::v1::Connector;
@@ -38,6 +39,8 @@ const L4_BUFFER: L4BufferSettings = L4BufferSettings {
 pub struct RunOptions {
     /// Take the listeners over from a running wsgate (Pingora's upgrade).
     pub upgrade: bool,
+    /// With `upgrade`, the process taken over from (from the pid file).
+    pub previous: Option<u32>,
 }
 
 /// Pingora's keepalive settings for ours. The user timeout bounds how long
@@ -121,6 +124,10 @@ pub fn build(config: Config, options: RunOptions) -> anyhow::Result<(Server, Arc
     let sweep = background_service("wsgate sweep", Sweeper(gateway.clone()));
 
     server.add_service(proxy);
+    if options.upgrade {
+        wait_for_previous(&config, options.previous, &gateway, &mut server);
+    }
+
     server.add_service(admin);
     server.add_service(reload);
     server.add_service(sweep);
@@ -131,6 +138,43 @@ pub fn build(config: Config, options: RunOptions) -> anyhow::Result<(Server, Arc
         ));
     }
     Ok((server, gateway))
+}
+
+/// After `--upgrade`, holds upgrades back until the previous process has
+/// exited, unless the config says to admit at once (or a fleet shares the
+/// counts, so both processes are counted together).
+fn wait_for_previous(
+    config: &Config,
+    previous: Option<u32>,
+    gateway: &Arc<Gateway>,
+    server: &mut Server,
+) {
+    let wait = match config.server.after_upgrade {
+        Some(AfterUpgrade::Wait) => true,
+        Some(AfterUpgrade::Admit) => false,
+        None => config.cluster.is_none(),
+    };
+    match previous {
+        Some(pid) if wait => {
+            tracing::info!(
+                previous_pid = pid,
+                "took over from a previous process; upgrades wait until it exits"
+            );
+            gateway.wait_for_previous(pid);
+            server.add_service(background_service(
+                "wsgate previous process",
+                PreviousWatch(gateway.clone()),
+            ));
+        }
+        Some(pid) => tracing::info!(
+            previous_pid = pid,
+            "took over from a previous process; admitting at once"
+        ),
+        None => tracing::warn!(
+            pid_file = %config.server.pid_file.display(),
+            "no running previous process in the pid file; admitting at once"
+        ),
+    }
 }
 
 /// Fails fast when an address cannot be bound. Pingora retries a busy

@@ -535,17 +535,6 @@ async fn a_reload_changes_limits_fleet_wide_but_not_the_cluster() {
 /// The extra latency of one upgrade in a fleet (one Redis round trip), next
 /// to local counting. Not a check: run it by hand and read the output,
 /// `cargo test --release --test cluster -- --ignored --nocapture`.
-/// A new process started with `--upgrade` that takes the listeners over
-/// while the old one drains; killed when dropped.
-struct Upgraded(Child);
-
-impl Drop for Upgraded {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_binary_upgrade_in_a_fleet_never_admits_twice_the_limit() {
     let redis = Redis::start().await;
@@ -567,31 +556,10 @@ async fn a_binary_upgrade_in_a_fleet_never_admits_twice_the_limit() {
         .collect();
     wait_fleet_live(&old, "total", 3, Duration::from_secs(10)).await;
 
-    // The new process waits on the upgrade socket; SIGQUIT hands it the
-    // listeners, and the old one drains its three streams.
-    let log = std::fs::File::create(old.dir.path().join("new.log")).unwrap();
-    let new = Upgraded(
-        Command::new(env!("CARGO_BIN_EXE_wsgate"))
-            .arg("--config")
-            .arg(&old.config_path)
-            .arg("--upgrade")
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .stdin(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let sock = old.dir.path().join("upgrade.sock");
-    eventually(Duration::from_secs(20), "the new process waits", || async {
-        sock.exists().then_some(())
-    })
-    .await;
-    old.signal("QUIT");
-    eventually(Duration::from_secs(20), "listeners handed over", || async {
-        old.log().contains("listener sockets sent").then_some(())
-    })
-    .await;
-    let new_pid = new.0.id().to_string();
+    // SIGQUIT hands the listeners to a new process; the old one drains its
+    // three streams.
+    let new = old.upgrade().await;
+    let new_pid = new.pid().to_string();
     eventually(
         Duration::from_secs(20),
         "the new process serves",

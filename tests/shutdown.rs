@@ -152,3 +152,108 @@ async fn a_sighup_at_startup_is_a_reload_not_an_exit() {
         .into_open();
     echo(&mut ws, "still here").await;
 }
+
+/// One route with room for three streams, under a drain long enough for a
+/// binary upgrade to happen inside it.
+async fn draining_gateway(up: &Upstream, after_upgrade: &str) -> Wsgate {
+    Wsgate::start_with_server(
+        &format!("  grace_period: 60s\n{after_upgrade}"),
+        &format!(
+            "routes:\n  - name: relay\n    prefix: /\n{}    limits:\n      total: 3\n",
+            upstream_yaml(up.addr)
+        ),
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_binary_upgrade_upgrades_wait_for_the_previous_process() {
+    let up = Upstream::start().await;
+    let mut old = draining_gateway(&up, "").await;
+    let mut held = connect(&old.url("/ws")).await.into_open();
+
+    let new = old.upgrade().await;
+    assert!(
+        new.log().contains("upgrades wait until it exits"),
+        "{}",
+        new.log()
+    );
+
+    // The new process cannot see the old one's stream, so it admits none
+    // while the old one drains; plain HTTP is served all along.
+    let refused = eventually(
+        Duration::from_secs(20),
+        "the new process answers",
+        || async {
+            match connect(&old.url("/ws")).await {
+                refused @ Attempt::Refused { .. } => Some(refused),
+                // Accepted by the old process before it stopped listening.
+                Attempt::Open(_) => None,
+            }
+        },
+    )
+    .await;
+    let Attempt::Refused { status, body, .. } = refused else {
+        unreachable!()
+    };
+    assert_eq!(status, 503);
+    assert_eq!(
+        body,
+        "wsgate: previous_process limit reached on route relay\n"
+    );
+    let (status, _) = http_get(old.addr, "/plain", &[]).await.expect("an answer");
+    assert_eq!(status, 200);
+    echo(&mut held, "still draining").await;
+
+    // Once the old process has gone, its streams with it, upgrades resume.
+    old.signal("KILL");
+    old.wait_exit(Duration::from_secs(10)).await;
+    let ws = eventually(Duration::from_secs(20), "upgrades resume", || async {
+        let a = connect(&old.url("/ws")).await;
+        (a.status() == 101).then_some(a)
+    })
+    .await;
+    drop(ws);
+    assert!(new
+        .log()
+        .contains("previous process exited; admitting upgrades"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admitting_at_once_after_an_upgrade_can_hold_twice_a_limit() {
+    let up = Upstream::start().await;
+    let old = draining_gateway(&up, "  after_upgrade: admit\n").await;
+    let url = old.url("/ws");
+    let held: Vec<Ws> = futures_util::future::join_all((0..3).map(|_| connect(&url)))
+        .await
+        .into_iter()
+        .map(Attempt::into_open)
+        .collect();
+    assert_eq!(connect(&url).await.status(), 503);
+
+    // What `after_upgrade: admit` trades for availability, measured: the new
+    // process counts from zero while the old one still holds its three.
+    // (Until the old one stops accepting, it answers some attempts: 503.)
+    let _new = old.upgrade().await;
+    let mut admitted = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while admitted.len() < 3 {
+        assert!(
+            Instant::now() < deadline,
+            "the new process admitted {}",
+            admitted.len()
+        );
+        let a = connect(&url).await;
+        if a.status() == 101 {
+            admitted.push(a);
+        }
+    }
+    eventually(
+        Duration::from_secs(10),
+        "six streams live upstream",
+        || async { (up.open() == 6).then_some(()) },
+    )
+    .await;
+    assert_eq!(connect(&url).await.status(), 503, "both are full now");
+    drop((held, admitted));
+}

@@ -249,6 +249,63 @@ impl Wsgate {
     }
 }
 
+/// A process started with `--upgrade` on another's config, holding the
+/// listeners it was handed; killed when dropped.
+pub struct Successor {
+    child: Child,
+    pub log_path: PathBuf,
+}
+
+impl Successor {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+}
+
+impl Drop for Successor {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Wsgate {
+    /// A binary upgrade: starts a new process with `--upgrade` on this
+    /// one's config, sends this one SIGQUIT once the new one waits for the
+    /// listeners, and returns once they have been handed over. This process
+    /// then drains for its grace period.
+    pub async fn upgrade(&self) -> Successor {
+        let log_path = self.dir.path().join("successor.log");
+        let log = std::fs::File::create(&log_path).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_wsgate"))
+            .arg("--config")
+            .arg(&self.config_path)
+            .arg("--upgrade")
+            .env("WSGATE_LOG", "info")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap();
+        let successor = Successor { child, log_path };
+        let sock = self.dir.path().join("upgrade.sock");
+        eventually(Duration::from_secs(20), "the new process waits", || async {
+            sock.exists().then_some(())
+        })
+        .await;
+        self.signal("QUIT");
+        eventually(Duration::from_secs(20), "listeners handed over", || async {
+            self.log().contains("listener sockets sent").then_some(())
+        })
+        .await;
+        successor
+    }
+}
+
 impl Drop for Wsgate {
     fn drop(&mut self) {
         let _ = self.child.kill();
