@@ -670,6 +670,9 @@ async fn the_dashboard_and_alerts_use_only_metrics_wsgate_exports() {
     let metrics = gw.metrics().await;
     let mut exported: BTreeSet<&str> = metrics.names().into_iter().collect();
     exported.insert("up");
+    // Exported only in a fleet (`cluster:`); tests/cluster.rs waits for
+    // each instance's `wsgate_cluster_up` to read 1.
+    exported.insert("wsgate_cluster_up");
 
     let mut used = BTreeSet::new();
     let mut queries = panel_queries(&dash);
