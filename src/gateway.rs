@@ -13,7 +13,7 @@ use crate::refusal::RejectionLog;
 use arc_swap::ArcSwap;
 use pingora::utils::tls::WrappedX509;
 use prometheus::{Histogram, IntCounter};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 /// One route with everything the hot path needs already looked up: its
@@ -56,9 +56,9 @@ pub struct Gateway {
     pub rejections: RejectionLog,
     /// Budget for the warning logged when an upstream fails an upgrade.
     pub failure_log: RejectionLog,
-    /// The pid of a previous process this one took over from and waits
-    /// for before admitting upgrades; 0 when there is none (see `upgrade`).
-    previous: AtomicU32,
+    /// Set while upgrades wait for the processes this one took over from
+    /// (see `upgrade`).
+    awaiting_previous: AtomicBool,
 }
 
 /// Why a config could not be put in force.
@@ -105,7 +105,7 @@ impl Gateway {
             fleet,
             rejections,
             failure_log,
-            previous: AtomicU32::new(0),
+            awaiting_previous: AtomicBool::new(false),
         }))
     }
 
@@ -113,7 +113,7 @@ impl Gateway {
     /// then, with a fleet, in the fleet's shared counts.
     pub async fn admit(&self, live: &LiveRoute, ask: &Ask<'_>) -> Admission {
         // A previous process may still hold streams this one cannot count.
-        let waiting = self.previous_process().is_some();
+        let waiting = self.awaiting_previous();
         if waiting && !ask.dry_run {
             return Admission::Refused(Scope::PreviousProcess);
         }
@@ -142,18 +142,13 @@ impl Gateway {
         }
     }
 
-    /// Admits no upgrade until process `pid` has exited.
-    pub fn wait_for_previous(&self, pid: u32) {
-        self.previous.store(pid, Ordering::Release);
+    /// While set, upgrades are refused with scope `previous_process`.
+    pub fn set_awaiting_previous(&self, waiting: bool) {
+        self.awaiting_previous.store(waiting, Ordering::Release);
     }
 
-    /// The previous process upgrades wait for, if any.
-    pub fn previous_process(&self) -> Option<u32> {
-        Some(self.previous.load(Ordering::Acquire)).filter(|pid| *pid != 0)
-    }
-
-    pub fn previous_exited(&self) {
-        self.previous.store(0, Ordering::Release);
+    pub fn awaiting_previous(&self) -> bool {
+        self.awaiting_previous.load(Ordering::Acquire)
     }
 
     /// The snapshot in force now.

@@ -102,9 +102,11 @@ fn run(path: &std::path::Path, upgrade: bool) -> anyhow::Result<std::convert::In
     let listeners = listeners.join(",");
     let admin = config.admin;
     // Read before this process writes its own pid there.
-    let previous = upgrade
-        .then(|| wsgate::upgrade::previous_pid(&config.server.pid_file))
-        .flatten();
+    let previous = if upgrade {
+        wsgate::upgrade::previous_pids(&config.server.pid_file)
+    } else {
+        Vec::new()
+    };
 
     let options = wsgate::server::RunOptions { upgrade, previous };
     let (mut server, _gateway) = wsgate::server::build(config, options)

@@ -154,6 +154,7 @@ fn needs_restart(old: &Config, new: &Config) -> Option<&'static str> {
         (o.upgrade_sock != n.upgrade_sock, "server.upgrade_sock"),
         (o.grace_period != n.grace_period, "server.grace_period"),
         (o.tcp_keepalive != n.tcp_keepalive, "server.tcp_keepalive"),
+        (o.after_upgrade != n.after_upgrade, "server.after_upgrade"),
     ];
     fields
         .into_iter()

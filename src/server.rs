@@ -35,12 +35,13 @@ const L4_BUFFER: L4BufferSettings = L4BufferSettings {
 };
 
 /// Options from the command line that Pingora acts on.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone)]
 pub struct RunOptions {
     /// Take the listeners over from a running wsgate (Pingora's upgrade).
     pub upgrade: bool,
-    /// With `upgrade`, the process taken over from (from the pid file).
-    pub previous: Option<u32>,
+    /// With `upgrade`, the wsgate processes that may still be draining (see
+    /// `upgrade::previous_pids`).
+    pub previous: Vec<u32>,
 }
 
 /// Pingora's keepalive settings for ours. The user timeout bounds how long
@@ -125,7 +126,7 @@ pub fn build(config: Config, options: RunOptions) -> anyhow::Result<(Server, Arc
 
     server.add_service(proxy);
     if options.upgrade {
-        wait_for_previous(&config, options.previous, &gateway, &mut server);
+        wait_for_previous(&config, options.previous, &gateway, &mut server)?;
     }
 
     server.add_service(admin);
@@ -140,41 +141,62 @@ pub fn build(config: Config, options: RunOptions) -> anyhow::Result<(Server, Arc
     Ok((server, gateway))
 }
 
-/// After `--upgrade`, holds upgrades back until the previous process has
-/// exited, unless the config says to admit at once (or a fleet shares the
-/// counts, so both processes are counted together).
+/// After `--upgrade`, holds upgrades back until the previous processes
+/// have exited, unless the config says to admit at once (or a fleet shares
+/// the counts, so all processes are counted together).
 fn wait_for_previous(
     config: &Config,
-    previous: Option<u32>,
+    previous: Vec<u32>,
     gateway: &Arc<Gateway>,
     server: &mut Server,
-) {
+) -> anyhow::Result<()> {
     let wait = match config.server.after_upgrade {
         Some(AfterUpgrade::Wait) => true,
         Some(AfterUpgrade::Admit) => false,
         None => config.cluster.is_none(),
     };
-    match previous {
-        Some(pid) if wait => {
-            tracing::info!(
-                previous_pid = pid,
-                "took over from a previous process; upgrades wait until it exits"
-            );
-            gateway.wait_for_previous(pid);
-            server.add_service(background_service(
-                "wsgate previous process",
-                PreviousWatch(gateway.clone()),
-            ));
-        }
-        Some(pid) => tracing::info!(
-            previous_pid = pid,
+    if !wait {
+        tracing::info!(
+            ?previous,
             "took over from a previous process; admitting at once"
-        ),
-        None => tracing::warn!(
-            pid_file = %config.server.pid_file.display(),
-            "no running previous process in the pid file; admitting at once"
-        ),
+        );
+        return Ok(());
     }
+
+    let pid_file = &config.server.pid_file;
+    let deadline = if previous.is_empty() {
+        // Nothing to watch: wait as long as any predecessor can drain.
+        let wait = config.server.grace_period + crate::upgrade::HANDOVER_ACCEPT;
+        tracing::warn!(
+            pid_file = %pid_file.display(),
+            wait = %humantime::format_duration(wait),
+            "no previous wsgate found from the pid file; upgrades wait out a whole drain"
+        );
+        Some(std::time::Instant::now() + wait)
+    } else {
+        tracing::info!(
+            ?previous,
+            "took over from a previous process; upgrades wait until it exits"
+        );
+        None
+    };
+    // A later upgrade, reading this process's pid, waits for these too.
+    crate::upgrade::record_draining(pid_file, &previous).with_context(|| {
+        format!(
+            "writing {}",
+            crate::upgrade::draining_file(pid_file).display()
+        )
+    })?;
+    gateway.set_awaiting_previous(true);
+    server.add_service(background_service(
+        "wsgate previous processes",
+        PreviousWatch {
+            gateway: gateway.clone(),
+            pids: previous,
+            deadline,
+        },
+    ));
+    Ok(())
 }
 
 /// Fails fast when an address cannot be bound. Pingora retries a busy

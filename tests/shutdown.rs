@@ -216,7 +216,7 @@ async fn after_a_binary_upgrade_upgrades_wait_for_the_previous_process() {
     drop(ws);
     assert!(new
         .log()
-        .contains("previous process exited; admitting upgrades"));
+        .contains("previous processes exited; admitting upgrades"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -256,4 +256,54 @@ async fn admitting_at_once_after_an_upgrade_can_hold_twice_a_limit() {
     .await;
     assert_eq!(connect(&url).await.status(), 503, "both are full now");
     drop((held, admitted));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_upgrades_in_a_row_wait_for_the_first_process_too() {
+    let up = Upstream::start().await;
+    let mut first = draining_gateway(&up, "").await;
+    let url = first.url("/ws");
+    let held: Vec<Ws> = futures_util::future::join_all((0..3).map(|_| connect(&url)))
+        .await
+        .into_iter()
+        .map(Attempt::into_open)
+        .collect();
+
+    // The second process drains for 1 s only, so it exits while the first
+    // still holds its three streams; the third must still wait.
+    std::fs::write(
+        &first.config_path,
+        std::fs::read_to_string(&first.config_path)
+            .unwrap()
+            .replace("grace_period: 60s", "grace_period: 1s"),
+    )
+    .unwrap();
+    let second = first.upgrade().await;
+    assert!(second.log().contains("upgrades wait until it exits"));
+    let third = second.upgrade(&first).await;
+    let second_pid = second.pid();
+    eventually(
+        Duration::from_secs(20),
+        "the second process exits",
+        || async {
+            let stat =
+                std::fs::read_to_string(format!("/proc/{second_pid}/stat")).unwrap_or_default();
+            (stat.is_empty() || stat.contains(") Z")).then_some(())
+        },
+    )
+    .await;
+
+    // Only the third listens now, and the first still drains: refused.
+    for _ in 0..5 {
+        let a = connect(&url).await;
+        assert_eq!(a.status(), 503, "admitted while the first process drains");
+    }
+    first.signal("KILL");
+    first.wait_exit(Duration::from_secs(10)).await;
+    let ws = eventually(Duration::from_secs(20), "upgrades resume", || async {
+        let a = connect(&url).await;
+        (a.status() == 101).then_some(a)
+    })
+    .await;
+    drop((ws, held, third));
 }

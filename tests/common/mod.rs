@@ -8,7 +8,7 @@ pub mod upstream;
 use futures_util::{SinkExt, StreamExt};
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr, TcpListener};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -279,31 +279,76 @@ impl Wsgate {
     /// listeners, and returns once they have been handed over. This process
     /// then drains for its grace period.
     pub async fn upgrade(&self) -> Successor {
-        let log_path = self.dir.path().join("successor.log");
-        let log = std::fs::File::create(&log_path).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_wsgate"))
-            .arg("--config")
-            .arg(&self.config_path)
-            .arg("--upgrade")
-            .env("WSGATE_LOG", "info")
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .stdin(Stdio::null())
-            .spawn()
-            .unwrap();
-        let successor = Successor { child, log_path };
-        let sock = self.dir.path().join("upgrade.sock");
-        eventually(Duration::from_secs(20), "the new process waits", || async {
-            sock.exists().then_some(())
-        })
-        .await;
-        self.signal("QUIT");
-        eventually(Duration::from_secs(20), "listeners handed over", || async {
-            self.log().contains("listener sockets sent").then_some(())
-        })
-        .await;
-        successor
+        hand_over(
+            &self.config_path,
+            self.dir.path(),
+            self.pid(),
+            &self.log_path,
+        )
+        .await
     }
+}
+
+impl Successor {
+    /// The next binary upgrade, from this process, on the same files.
+    pub async fn upgrade(&self, gw: &Wsgate) -> Successor {
+        hand_over(&gw.config_path, gw.dir.path(), self.pid(), &self.log_path).await
+    }
+}
+
+async fn hand_over(config: &Path, dir: &Path, from: u32, from_log: &Path) -> Successor {
+    let log_path = dir.join(format!("successor-of-{from}.log"));
+    let log = std::fs::File::create(&log_path).unwrap();
+    // Left by an earlier hand-over: the new process binds it afresh.
+    let sock = dir.join("upgrade.sock");
+    let _ = std::fs::remove_file(&sock);
+    let child = Command::new(env!("CARGO_BIN_EXE_wsgate"))
+        .arg("--config")
+        .arg(config)
+        .arg("--upgrade")
+        .env("WSGATE_LOG", "info")
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let successor = Successor { child, log_path };
+    eventually(Duration::from_secs(20), "the new process waits", || async {
+        sock.exists().then_some(())
+    })
+    .await;
+    let quit = Command::new("kill")
+        .args(["-QUIT", &from.to_string()])
+        .status()
+        .unwrap();
+    assert!(quit.success());
+    let start = Instant::now();
+    loop {
+        let log = std::fs::read_to_string(from_log).unwrap_or_default();
+        if log.contains("listener sockets sent") {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "listeners not handed over in 20 s; the old process said:\n{log}\nthe new one:\n{}",
+            successor.log()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Serving, with its signal handlers in place (a SIGQUIT before then
+    // would end it).
+    eventually(
+        Duration::from_secs(20),
+        "the new process serves",
+        || async {
+            successor
+                .log()
+                .contains("Starting service: wsgate proxy")
+                .then_some(())
+        },
+    )
+    .await;
+    successor
 }
 
 impl Drop for Wsgate {
