@@ -633,8 +633,12 @@ impl Fleet {
             call.arg(key.as_ref()).arg(*n);
         }
         // On failure `call` marked the instance dirty: the next upkeep
-        // tries again.
-        if self.call::<i64>(Op::Resync, &call).await.is_ok() {
+        // tries again. A resync can run inside an upgrade, whose task may be
+        // cancelled mid-call: that must leave the instance dirty too.
+        let unsettled = MarkDirty(&self.dirty);
+        let synced = self.call::<i64>(Op::Resync, &call).await.is_ok();
+        std::mem::forget(unsettled);
+        if synced {
             self.resyncs.fetch_add(1, Ordering::AcqRel);
             tracing::info!(
                 instance = %self.settings.instance_id,

@@ -42,8 +42,31 @@ impl fmt::Display for Problem {
                 write!(f, ":{column}")?;
             }
         }
-        write!(f, ": {}: {}", self.field, self.message)
+        write!(
+            f,
+            ": {}: {}",
+            one_line(&self.field),
+            one_line(&self.message)
+        )
     }
+}
+
+/// `text` with control characters escaped: a problem is one line, even when
+/// it quotes a key or value of the file that spans several.
+fn one_line(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(char::is_control) {
+        return text.into();
+    }
+    text.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect::<String>()
+        .into()
 }
 
 /// Why a config could not be loaded.

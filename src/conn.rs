@@ -128,20 +128,21 @@ impl ServerApp for Front {
         loop {
             let reused = self.proxy.process_new_http(session, shutdown).await;
 
-            let (handoff, fault) = {
+            let (handoff, fault, client, unsent) = {
                 let mut shared = shared.lock().unwrap_or_else(|e| e.into_inner());
-                (shared.handoff.take(), shared.fault.take())
+                let unsent = std::mem::take(&mut shared.unsent);
+                (
+                    shared.handoff.take(),
+                    shared.fault.take(),
+                    shared.client.take(),
+                    unsent,
+                )
             };
             if let Some(fault) = fault {
                 self.closed(fault, peer);
             }
-            if let Some(handoff) = handoff {
+            if let Some(mut handoff) = handoff {
                 drop(reused);
-                let (client, unsent) = {
-                    let mut shared = shared.lock().unwrap_or_else(|e| e.into_inner());
-                    (shared.client.take(), std::mem::take(&mut shared.unsent))
-                };
-                let mut handoff = handoff;
                 if !unsent.is_empty() {
                     let to_client = &mut handoff.upgraded.to_client;
                     *to_client = [unsent, std::mem::take(to_client)].concat();
@@ -440,6 +441,13 @@ impl Shutdown for Guarded {
         // Pingora closes a session's connection when the session ends; a
         // handed-off connection lives on in the relay.
         if self.handed_off() {
+            return;
+        }
+        // What was gathered goes out first: a short answer may be in it.
+        if std::future::poll_fn(|cx| self.poll_write_gathered(cx))
+            .await
+            .is_err()
+        {
             return;
         }
         if let Some(inner) = self.inner.as_mut() {

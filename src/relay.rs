@@ -161,7 +161,12 @@ pub async fn run(
         // the upstream likes, even once the client has gone.
         let pass_on = pass_on_refusal(session, &mut upstream, head);
         if tokio::time::timeout(REFUSAL_LIMIT, pass_on).await.is_err() {
+            // Cut short: what was passed on so far goes out, then the
+            // connection closes (the answer is incomplete, so it cannot be
+            // reused).
             session.set_keepalive(None);
+            let close = session.as_downstream_mut().shutdown();
+            let _ = tokio::time::timeout(CLOSE_GRACE, close).await;
         }
         return Outcome::Failed {
             reason: UpstreamFailure::Status,

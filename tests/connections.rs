@@ -295,3 +295,28 @@ async fn concurrent_scrapes_each_see_every_series() {
     );
     drop(held);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_answer_trickled_forever_is_cut_off() {
+    let up = Upstream::start().await;
+    let gw = Wsgate::start(&route(up.addr)).await;
+
+    // Each byte comes well within the read timeout; the whole answer would
+    // take days. wsgate ends it (30 s in all) and gives everything back.
+    let mut s = TcpStream::connect(gw.addr).await.unwrap();
+    let request = format!("GET /trickle HTTP/1.1\r\nHost: x\r\n{WS_HEADERS}\r\n");
+    s.write_all(request.as_bytes()).await.unwrap();
+    let answer = closed_by_gateway(&mut s, Duration::from_secs(60)).await;
+    assert!(answer.starts_with(b"HTTP/1.1 200"), "{answer:?}");
+    drop(s);
+    gw.wait_active("relay", 0).await;
+    eventually(
+        Duration::from_secs(10),
+        "the connection is gone",
+        || async {
+            let m = gw.metrics().await;
+            (m.get("wsgate_client_connections", &[]) == 0.0).then_some(())
+        },
+    )
+    .await;
+}

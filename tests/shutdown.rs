@@ -307,3 +307,54 @@ async fn two_upgrades_in_a_row_wait_for_the_first_process_too() {
     .await;
     drop((ws, held, third));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_pid_file_upgrades_wait_out_a_whole_drain() {
+    let up = Upstream::start().await;
+    let old = draining_gateway(&up, "").await;
+    // A short drain for the test: the wait is it plus 5 s.
+    std::fs::write(
+        &old.config_path,
+        std::fs::read_to_string(&old.config_path)
+            .unwrap()
+            .replace("grace_period: 60s", "grace_period: 2s"),
+    )
+    .unwrap();
+    let url = old.url("/ws");
+    let held = connect(&url).await.into_open();
+    std::fs::remove_file(old.dir.path().join("wsgate.pid")).unwrap();
+
+    let new = old.upgrade().await;
+    assert!(
+        new.log().contains("upgrades wait out a whole drain"),
+        "{}",
+        new.log()
+    );
+    let exited = "previous processes exited; admitting upgrades";
+    let refused = eventually(
+        Duration::from_secs(20),
+        "a refusal from the new process",
+        || async {
+            match connect(&url).await {
+                Attempt::Refused { body, .. } => Some(body),
+                Attempt::Open(_) => None,
+            }
+        },
+    )
+    .await;
+    assert_eq!(
+        refused,
+        "wsgate: previous_process limit reached on route relay\n"
+    );
+    assert!(
+        !new.log().contains(exited),
+        "admitted before the drain could end"
+    );
+
+    eventually(Duration::from_secs(20), "the wait ends", || async {
+        new.log().contains(exited).then_some(())
+    })
+    .await;
+    assert_eq!(connect(&url).await.status(), 101);
+    drop(held);
+}

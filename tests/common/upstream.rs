@@ -4,6 +4,7 @@
 //! - `/status/{code}`: answers `code` with a short body (no upgrade);
 //! - `/close`: closes the connection without answering;
 //! - `/stall`: reads the request and never answers;
+//! - `/trickle`: answers 200 with a 1 MB body, sent a byte every 500 ms;
 //! - anything else with `Upgrade: websocket`: 101, then echoes every message;
 //!   the text `close-me` makes it close the socket, `reset-me` reset it;
 //!   under `/flood`, it sends 32 MiB in binary messages at once, then
@@ -126,6 +127,18 @@ async fn serve(mut stream: TcpStream, counters: Arc<Counters>) {
         }
         if path.starts_with("/close") {
             return;
+        }
+        if path.starts_with("/trickle") {
+            let head = "HTTP/1.1 200 OK\r\ncontent-length: 1000000\r\n\r\n";
+            if stream.write_all(head.as_bytes()).await.is_err() {
+                return;
+            }
+            loop {
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                if stream.write_all(b".").await.is_err() {
+                    return;
+                }
+            }
         }
         if path.starts_with("/stall") {
             std::future::pending::<()>().await;
