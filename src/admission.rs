@@ -593,10 +593,9 @@ impl Permit {
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        // Widest first: the reverse of the order `admit` takes them in.
-        if self.total {
-            self.route.live.fetch_sub(1, Ordering::AcqRel);
-        }
+        // The route total goes last: once the route's live count shows a
+        // stream gone, every slot it held is free. The order cannot admit
+        // past a limit; at worst an upgrade racing a release is refused.
         if let Some(key) = &self.key {
             self.route.keys.release(key.as_ref());
         }
@@ -605,6 +604,9 @@ impl Drop for Permit {
         }
         if let Some((counter, client)) = &self.global {
             counter.release(client);
+        }
+        if self.total {
+            self.route.live.fetch_sub(1, Ordering::AcqRel);
         }
     }
 }

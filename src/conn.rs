@@ -212,21 +212,21 @@ async fn carry(mut client: Stream, handoff: Handoff, open: Open) {
 /// per-client cap, until dropped.
 struct Open {
     gateway: Arc<Gateway>,
-    _slot: Option<ConnectionSlot>,
+    slot: Option<ConnectionSlot>,
 }
 
 impl Open {
     fn new(gateway: Arc<Gateway>, slot: Option<ConnectionSlot>) -> Self {
         gateway.metrics.connections_open.inc();
-        Self {
-            gateway,
-            _slot: slot,
-        }
+        Self { gateway, slot }
     }
 }
 
 impl Drop for Open {
     fn drop(&mut self) {
+        // The slot first, so a gauge showing the connection gone means its
+        // slot is free.
+        drop(self.slot.take());
         self.gateway.metrics.connections_open.dec();
     }
 }

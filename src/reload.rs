@@ -106,20 +106,22 @@ impl Reloader {
             Ok(routes)
         });
 
+        // The log line comes before the counters: whoever sees a reload
+        // counted can find its line.
         let metrics = &self.gateway.metrics;
         match result {
             Ok(routes) => {
+                tracing::info!(config = %self.path.display(), trigger = trigger.as_str(), routes, "config reloaded");
                 metrics.reloads.with_label_values(&["success"]).inc();
                 metrics.last_reload_success.set(1);
                 metrics.last_reload_success_time.set(unix_now());
-                tracing::info!(config = %self.path.display(), trigger = trigger.as_str(), routes, "config reloaded");
                 Ok(())
             }
             Err(e) => {
-                metrics.reloads.with_label_values(&["failure"]).inc();
-                metrics.last_reload_success.set(0);
                 let problems = e.to_string().replace('\n', "; ");
                 tracing::error!(config = %self.path.display(), trigger = trigger.as_str(), %problems, "config reload refused");
+                metrics.reloads.with_label_values(&["failure"]).inc();
+                metrics.last_reload_success.set(0);
                 Err(e)
             }
         }

@@ -105,8 +105,8 @@ impl BackgroundService for PreviousWatch {
             pids.retain(|pid| is_running(*pid));
             let past = self.deadline.is_none_or(|d| Instant::now() >= d);
             if pids.is_empty() && past {
-                self.gateway.set_awaiting_previous(false);
                 tracing::info!(previous = ?self.pids, "previous processes exited; admitting upgrades");
+                self.gateway.set_awaiting_previous(false);
                 return;
             }
             tokio::select! {

@@ -162,10 +162,12 @@ async fn serve(mut stream: TcpStream, counters: Arc<Counters>) {
                 // An unmasked text frame, as a server sends it.
                 resp.extend_from_slice(b"\x81\x05hello");
             }
+            // Counted before the answer goes out, so a client holding its
+            // 101 always finds the upgrade counted.
+            counters.upgrades.fetch_add(1, Ordering::SeqCst);
             if stream.write_all(&resp).await.is_err() {
                 return;
             }
-            counters.upgrades.fetch_add(1, Ordering::SeqCst);
             counters.open.fetch_add(1, Ordering::SeqCst);
             let _guard = OpenGuard(counters.clone());
             if path.starts_with("/flood") {
