@@ -72,7 +72,7 @@ async fn bursts_admit_exactly_the_limit_round_after_round() {
             "refusals reached the upstream"
         );
         eventually(
-            Duration::from_secs(5),
+            Duration::from_secs(10),
             "upstream holds every admitted stream",
             || async { (up.open() == admitted as i64).then_some(()) },
         )
@@ -97,7 +97,7 @@ async fn bursts_admit_exactly_the_limit_round_after_round() {
             gw.wait_active(route, 0).await;
         }
         eventually(
-            Duration::from_secs(5),
+            Duration::from_secs(10),
             "upstream sockets closed",
             || async { (up.open() == 0).then_some(()) },
         )
@@ -172,7 +172,7 @@ async fn a_refusal_is_answered_by_wsgate_and_never_reaches_the_upstream() {
         .await
         .unwrap();
     let mut all = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut all))
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut all))
         .await
         .expect("closed")
         .unwrap();
@@ -207,7 +207,7 @@ async fn raw_upgrade(addr: std::net::SocketAddr, req: &str) -> (u16, tokio::net:
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
     s.write_all(req.as_bytes()).await.unwrap();
     let mut buf = vec![0u8; 1024];
-    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+    let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
         .await
         .unwrap()
         .unwrap();
@@ -359,7 +359,7 @@ async fn metrics_agree_with_clients_and_upstream_under_churn() {
 
     let n = held.len() as i64;
     eventually(
-        Duration::from_secs(5),
+        Duration::from_secs(10),
         "gauge, upstream and clients agree",
         || async {
             let active =

@@ -125,8 +125,16 @@ async fn ping(port: u16) -> bool {
 
 /// The `cluster:` section of one instance. The call timeout is as long as
 /// the lease allows, so a busy test machine is not taken for a slow Redis.
+/// Tests that do not wait on a lease running out take a long one, so a
+/// stalled renewal or a slow call cannot change what they count.
 fn cluster_yaml(redis: &Redis, id: &str, lease: &str, policy: &str) -> String {
-    let timeout = if lease == "1s" { "300ms" } else { "600ms" };
+    let timeout = match lease {
+        "2s" => "600ms",
+        "3s" => "1s",
+        "6s" => "2s",
+        "15s" => "5s",
+        other => panic!("no call timeout chosen for a lease of {other}"),
+    };
     format!(
         "cluster:\n  redis: {}\n  instance_id: {id}\n  lease: {lease}\n  call_timeout: {timeout}\n\
          \x20 when_unreachable: {policy}\n  instances: 2\n",
@@ -215,7 +223,7 @@ async fn a_burst_over_all_instances_admits_exactly_the_limit_round_after_round()
     let redis = Redis::start().await;
     let up = Upstream::start().await;
     let members = [("a", "local"), ("b", "local"), ("c", "local")];
-    let gws = fleet(&redis, "2s", &members, &routes(&up, 30)).await;
+    let gws = fleet(&redis, "6s", &members, &routes(&up, 30)).await;
     let all: Vec<&Wsgate> = gws.iter().collect();
 
     for round in 0..3 {
@@ -232,7 +240,7 @@ async fn a_burst_over_all_instances_admits_exactly_the_limit_round_after_round()
         assert_eq!(opened(&one), 4, "one client, round {round}");
 
         eventually(
-            Duration::from_secs(5),
+            Duration::from_secs(10),
             "upstream holds every admitted stream",
             || async { (up.open() == 44).then_some(()) },
         )
@@ -250,9 +258,9 @@ async fn a_burst_over_all_instances_admits_exactly_the_limit_round_after_round()
 
         drop((total, room, one));
         for gw in &gws {
-            wait_fleet_live(gw, "total", 0, Duration::from_secs(5)).await;
+            wait_fleet_live(gw, "total", 0, Duration::from_secs(10)).await;
         }
-        wait_fleet_live(&gws[0], "rooms", 0, Duration::from_secs(5)).await;
+        wait_fleet_live(&gws[0], "rooms", 0, Duration::from_secs(10)).await;
     }
     for gw in &gws {
         let m = gw.metrics().await;
@@ -267,7 +275,7 @@ async fn the_global_client_limit_holds_across_routes_and_instances() {
     let up = Upstream::start().await;
     let body = format!("limits:\n  per_client: 5\n{}", routes(&up, 100));
     let members = [("a", "local"), ("b", "local"), ("c", "local")];
-    let gws = fleet(&redis, "2s", &members, &body).await;
+    let gws = fleet(&redis, "6s", &members, &body).await;
     let all: Vec<&Wsgate> = gws.iter().collect();
     let one: IpAddr = "127.0.0.7".parse().unwrap();
 
@@ -279,8 +287,8 @@ async fn the_global_client_limit_holds_across_routes_and_instances() {
         assert_eq!(opened(&total) + opened(&rooms), 5, "round {round}");
         drop((total, rooms));
         for gw in &gws {
-            wait_fleet_live(gw, "total", 0, Duration::from_secs(5)).await;
-            wait_fleet_live(gw, "rooms", 0, Duration::from_secs(5)).await;
+            wait_fleet_live(gw, "total", 0, Duration::from_secs(10)).await;
+            wait_fleet_live(gw, "rooms", 0, Duration::from_secs(10)).await;
         }
     }
 }
@@ -295,13 +303,13 @@ async fn a_killed_instance_frees_its_slots_within_the_lease() {
     let held_a = keep_open(burst(&[&gws[0]], 12, "/total", client).await);
     let mut held_b = keep_open(burst(&[&gws[1]], 5, "/total", |i| client(100 + i)).await);
     assert_eq!((held_a.len(), held_b.len()), (12, 5));
-    wait_fleet_live(&gws[1], "total", 17, Duration::from_secs(5)).await;
+    wait_fleet_live(&gws[1], "total", 17, Duration::from_secs(10)).await;
 
     gws[0].signal("KILL");
-    gws[0].wait_exit(Duration::from_secs(5)).await;
+    gws[0].wait_exit(Duration::from_secs(10)).await;
     let killed = Instant::now();
     // The lease is 2 s; the bound leaves room for a slow machine.
-    wait_fleet_live(&gws[1], "total", 5, Duration::from_secs(6)).await;
+    wait_fleet_live(&gws[1], "total", 5, Duration::from_secs(10)).await;
     eprintln!("slots freed {:?} after kill -9", killed.elapsed());
 
     // B's streams were untouched, and the freed slots are B's to take.
@@ -321,13 +329,13 @@ async fn a_cut_off_instance_loses_its_slots_and_registers_them_on_return() {
     let gws = fleet(&redis, "2s", &members, &routes(&up, 20)).await;
     let mut held = keep_open(burst(&[&gws[0]], 6, "/total", client).await);
     assert_eq!(held.len(), 6);
-    wait_fleet_live(&gws[1], "total", 6, Duration::from_secs(5)).await;
+    wait_fleet_live(&gws[1], "total", 6, Duration::from_secs(10)).await;
 
     // A stalls past its lease: the fleet stops counting its streams.
     gws[0].signal("STOP");
-    wait_fleet_live(&gws[1], "total", 0, Duration::from_secs(6)).await;
+    wait_fleet_live(&gws[1], "total", 0, Duration::from_secs(10)).await;
     gws[0].signal("CONT");
-    wait_fleet_live(&gws[1], "total", 6, Duration::from_secs(6)).await;
+    wait_fleet_live(&gws[1], "total", 6, Duration::from_secs(10)).await;
     for ws in &mut held {
         echo(ws, "back").await;
     }
@@ -340,17 +348,17 @@ async fn streams_living_through_many_leases_stay_counted() {
     let redis = Redis::start().await;
     let up = Upstream::start().await;
     let members = [("a", "local"), ("b", "local")];
-    let gws = fleet(&redis, "1s", &members, &routes(&up, 10)).await;
+    let gws = fleet(&redis, "3s", &members, &routes(&up, 10)).await;
     let all: Vec<&Wsgate> = gws.iter().collect();
 
     let mut held = keep_open(burst(&all, 10, "/total", client).await);
     assert_eq!(held.len(), 10);
 
-    // Six lease periods: every extra upgrade, on either instance, is refused
-    // and the fleet still counts all ten.
+    // Three lease periods: every extra upgrade, on either instance, is
+    // refused and the fleet still counts all ten.
     let start = Instant::now();
     let mut i = 0;
-    while start.elapsed() < Duration::from_secs(6) {
+    while start.elapsed() < Duration::from_secs(9) {
         let extra = connect_from(client(500 + i), &gws[i % 2].url("/total"), &[]).await;
         assert_eq!(extra.status(), 503, "after {:?}", start.elapsed());
         assert_eq!(fleet_live(&gws[i % 2], "total").await, Some(10));
@@ -402,7 +410,7 @@ async fn each_policy_acts_while_redis_is_down_and_counts_recover_on_restart() {
     redis.restart().await;
     let (on_l, on_o) = (keep_open(on_l), keep_open(on_o));
     for gw in &gws {
-        wait_fleet_live(gw, "total", 13, Duration::from_secs(6)).await;
+        wait_fleet_live(gw, "total", 13, Duration::from_secs(10)).await;
         assert_eq!(cluster_up(gw).await, 1.0);
     }
     let over = burst(&[l, o, c], 6, "/total", |i| client(40 + i)).await;
@@ -410,7 +418,7 @@ async fn each_policy_acts_while_redis_is_down_and_counts_recover_on_restart() {
 
     // Streams that ended while Redis was down were given back once.
     drop(on_o);
-    wait_fleet_live(c, "total", 5, Duration::from_secs(5)).await;
+    wait_fleet_live(c, "total", 5, Duration::from_secs(10)).await;
     let again = burst(&[l, o, c], 12, "/total", |i| client(50 + i)).await;
     assert_eq!(opened(&again), 5);
     drop((first, on_l));
@@ -424,7 +432,7 @@ async fn a_slow_redis_is_waited_for_no_longer_than_the_call_timeout() {
     let gws = fleet(&redis, "2s", &members, &routes(&up, 10)).await;
     let (o, c) = (&gws[0], &gws[1]);
     let mut held = keep_open(burst(&[o], 3, "/total", client).await);
-    wait_fleet_live(c, "total", 3, Duration::from_secs(5)).await;
+    wait_fleet_live(c, "total", 3, Duration::from_secs(10)).await;
 
     redis.signal("STOP");
     // A stream that ends while Redis cannot answer.
@@ -445,13 +453,13 @@ async fn a_slow_redis_is_waited_for_no_longer_than_the_call_timeout() {
     // Two held and one admitted meanwhile: the ended stream was given back
     // once, the new one registered.
     for gw in &gws {
-        wait_fleet_live(gw, "total", 3, Duration::from_secs(6)).await;
+        wait_fleet_live(gw, "total", 3, Duration::from_secs(10)).await;
     }
     for ws in &mut held {
         echo(ws, "through the pause").await;
     }
     drop(admitted);
-    wait_fleet_live(c, "total", 2, Duration::from_secs(5)).await;
+    wait_fleet_live(c, "total", 2, Duration::from_secs(10)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -462,7 +470,7 @@ async fn dry_run_routes_count_fleet_wide_and_never_refuse() {
         "routes:\n  - name: trial\n    prefix: /trial\n    dry_run: true\n{}    limits:\n      total: 2\n",
         upstream_yaml(up.addr)
     );
-    let gws = fleet(&redis, "2s", &[("a", "closed"), ("b", "closed")], &routes).await;
+    let gws = fleet(&redis, "6s", &[("a", "closed"), ("b", "closed")], &routes).await;
     let all: Vec<&Wsgate> = gws.iter().collect();
     let would_refuse = |scope: &'static str| {
         let gws = &gws;
@@ -487,7 +495,7 @@ async fn dry_run_routes_count_fleet_wide_and_never_refuse() {
     }
     assert_eq!(opened(&held), 6, "dry run admits everything");
     assert_eq!(would_refuse("route").await, 4.0, "the fleet's limit of 2");
-    wait_fleet_live(&gws[0], "trial", 6, Duration::from_secs(5)).await;
+    wait_fleet_live(&gws[0], "trial", 6, Duration::from_secs(10)).await;
 
     // Closed, and Redis away: still admitted, counted as would-be refused.
     redis.stop();
@@ -502,7 +510,7 @@ async fn a_reload_changes_limits_fleet_wide_but_not_the_cluster() {
     let redis = Redis::start().await;
     let up = Upstream::start().await;
     let members = [("a", "local"), ("b", "local")];
-    let gws = fleet(&redis, "2s", &members, &routes(&up, 4)).await;
+    let gws = fleet(&redis, "6s", &members, &routes(&up, 4)).await;
     let all: Vec<&Wsgate> = gws.iter().collect();
     let held = keep_open(burst(&all, 10, "/total", client).await);
     assert_eq!(held.len(), 4);
@@ -510,7 +518,7 @@ async fn a_reload_changes_limits_fleet_wide_but_not_the_cluster() {
     for (gw, id) in gws.iter().zip(["a", "b"]) {
         let body = format!(
             "{}{}",
-            cluster_yaml(&redis, id, "2s", "local"),
+            cluster_yaml(&redis, id, "6s", "local"),
             routes(&up, 7)
         );
         gw.rewrite(&body, "success").await;
@@ -520,7 +528,7 @@ async fn a_reload_changes_limits_fleet_wide_but_not_the_cluster() {
 
     let moved = format!(
         "{}{}",
-        cluster_yaml(&redis, "a2", "2s", "local"),
+        cluster_yaml(&redis, "a2", "6s", "local"),
         routes(&up, 7)
     );
     gws[0].rewrite(&moved, "failure").await;

@@ -95,7 +95,10 @@ async fn a_head_sent_a_byte_at_a_time_is_cut_off_at_its_deadline() {
         .await
         .unwrap();
     let mut buf = [0u8; 256];
-    let n = s.read(&mut buf).await.unwrap();
+    let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+        .await
+        .expect("an answer within 10 s")
+        .unwrap();
     assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
     s.write_all(b"GET /plain HTTP/1.1\r\nHo").await.unwrap();
     closed_by_gateway(&mut s, Duration::from_secs(10)).await;
@@ -151,6 +154,14 @@ async fn open_connections_are_capped_per_client_before_any_request() {
             route(up.addr)
         ),
     )
+    .await;
+
+    // The harness's readiness probes came from this address too; they hold
+    // no slot once the gateway has seen them close.
+    eventually(Duration::from_secs(10), "no connection open", || async {
+        let m = gw.metrics().await;
+        (m.get("wsgate_client_connections", &[]) == 0.0).then_some(())
+    })
     .await;
 
     // Three idle connections from one address take its three slots; the

@@ -294,7 +294,15 @@ fn encode(s: &str) -> String {
 /// Routes covering every metric: a route limit, a key limit, a dry run and
 /// an upstream that refuses connections.
 fn routes(up: &Upstream) -> String {
-    let dead = free_port();
+    // A port bound for the whole run but never listened on: connections to
+    // it are refused, and no other socket can take it.
+    static HELD: std::sync::OnceLock<tokio::net::TcpSocket> = std::sync::OnceLock::new();
+    let held = HELD.get_or_init(|| {
+        let s = tokio::net::TcpSocket::new_v4().unwrap();
+        s.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        s
+    });
+    let dead = held.local_addr().unwrap().port();
     format!(
         "routes:\n  - name: relay\n    prefix: /relay\n{u}    limits:\n      total: 3\n\
          \n  - name: rooms\n    path: /room/{{room}}/ws\n    key: room\n{u}    limits:\n      per_key: 2\n\

@@ -21,7 +21,16 @@ async fn gateway(up: &Upstream) -> Wsgate {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_live_streams_then_exits() {
     let up = Upstream::start().await;
-    let mut gw = gateway(&up).await;
+    // A drain long enough that the checks below finish inside it however
+    // slowly this machine schedules them.
+    let mut gw = Wsgate::start_with_server(
+        "  grace_period: 5s\n",
+        &format!(
+            "routes:\n  - name: relay\n    prefix: /\n{}    limits:\n      total: 10\n",
+            upstream_yaml(up.addr)
+        ),
+    )
+    .await;
     let mut ws = connect(&gw.url("/ws")).await.into_open();
     echo(&mut ws, "before").await;
 
@@ -42,7 +51,7 @@ async fn sigterm_drains_live_streams_then_exits() {
     let status = gw.wait_exit(Duration::from_secs(30)).await;
     assert!(status.success(), "{status}: {}", gw.log());
     assert!(
-        sent.elapsed() >= Duration::from_millis(900),
+        sent.elapsed() >= Duration::from_millis(4900),
         "exited before the grace period"
     );
     closed_by_peer(&mut ws, Duration::from_secs(10)).await;
@@ -312,12 +321,13 @@ async fn two_upgrades_in_a_row_wait_for_the_first_process_too() {
 async fn without_a_pid_file_upgrades_wait_out_a_whole_drain() {
     let up = Upstream::start().await;
     let old = draining_gateway(&up, "").await;
-    // A short drain for the test: the wait is it plus 5 s.
+    // A drain for the test: the wait is it plus 5 s, long enough that the
+    // refusal is seen inside it however slowly the new process starts.
     std::fs::write(
         &old.config_path,
         std::fs::read_to_string(&old.config_path)
             .unwrap()
-            .replace("grace_period: 60s", "grace_period: 2s"),
+            .replace("grace_period: 60s", "grace_period: 8s"),
     )
     .unwrap();
     let url = old.url("/ws");
@@ -351,7 +361,7 @@ async fn without_a_pid_file_upgrades_wait_out_a_whole_drain() {
         "admitted before the drain could end"
     );
 
-    eventually(Duration::from_secs(20), "the wait ends", || async {
+    eventually(Duration::from_secs(30), "the wait ends", || async {
         new.log().contains(exited).then_some(())
     })
     .await;

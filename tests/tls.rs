@@ -492,7 +492,7 @@ async fn an_upstream_certificate_that_does_not_verify_is_a_tls_failure() {
         assert_eq!(a.status(), 502, "{name}: the slot was not given back");
         // The failure is counted once the answer is out, so poll for it.
         eventually(
-            Duration::from_secs(5),
+            Duration::from_secs(10),
             "two tls failures counted",
             || async { (failures(&gw.metrics().await, name, "tls") == 2.0).then_some(()) },
         )

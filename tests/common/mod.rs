@@ -474,11 +474,16 @@ pub async fn connect_from(from: IpAddr, url: &str, headers: &[(&str, &str)]) -> 
 
     let socket = TcpSocket::new_v4().unwrap();
     socket.bind(SocketAddr::new(from, 0)).unwrap();
-    let stream = socket.connect(target).await.expect("connect to wsgate");
-    match client_async(request, MaybeTlsStream::Plain(stream)).await {
-        Ok((ws, _)) => Attempt::Open(Box::new(ws)),
-        Err(WsError::Http(resp)) => refused(resp),
-        Err(e) => panic!("handshake failed: {e}"),
+    // Bounded, so a wedged gateway fails the test instead of hanging it.
+    let handshake = async {
+        let stream = socket.connect(target).await.expect("connect to wsgate");
+        client_async(request, MaybeTlsStream::Plain(stream)).await
+    };
+    match tokio::time::timeout(Duration::from_secs(30), handshake).await {
+        Err(_) => panic!("no answer to an upgrade from {from} within 30 s"),
+        Ok(Ok((ws, _))) => Attempt::Open(Box::new(ws)),
+        Ok(Err(WsError::Http(resp))) => refused(resp),
+        Ok(Err(e)) => panic!("handshake failed: {e}"),
     }
 }
 
