@@ -10,7 +10,7 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-TARGETS = ["direct", "wsgate", "nginx", "haproxy"]
+TARGETS = ["direct", "wsgate", "pingora", "nginx", "haproxy"]
 
 # The figures the performance issue quotes (2 cores, loopback, ratios vs direct).
 REFERENCE = """| proxy | RSS per idle stream | upgrades/s vs direct | 64 B msgs/s vs direct | 16 KiB msgs/s vs direct |
@@ -160,7 +160,11 @@ run. Run parameters: `{args.params}`; the runs took {args.elapsed} s.
   for its echo before the next; p99 is of those round trips.
 - **burst**: every TCP connection is opened first, then all upgrade requests
   are sent together and every admitted stream is held until all have their
-  answer. Exact is 100 and 10 for every proxy; `direct` has no limit.
+  answer. Exact is 100 and 10 for every proxy; `direct` and `pingora` have
+  no limit.
+- **pingora**: `examples/bare_pingora.rs`, Pingora 0.9's HTTP proxy with its
+  defaults, one upstream and nothing of wsgate's (no limits, no relay of its
+  own): what Pingora itself costs, the floor wsgate started from.
 
 ### Reference figures (from the performance issue)
 

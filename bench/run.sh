@@ -3,8 +3,10 @@
 # and writes the results table to docs/benchmarks.md.
 #
 # Targets, interleaved in every repeat: `direct` (the echo upstream itself),
-# `wsgate`, `nginx` (limit_conn) and `haproxy` (stick-table conn_cur). Every
-# proxy gets the same limits: route /ws 10,000 streams and 10 per client,
+# `wsgate`, `pingora` (examples/bare_pingora.rs: Pingora 0.9 with its
+# defaults and no limits, to show what Pingora itself costs), `nginx`
+# (limit_conn) and `haproxy` (stick-table conn_cur). Every proxy but the bare
+# one gets the same limits: route /ws 10,000 streams and 10 per client,
 # route /burst 100 streams and 10 per client, 503 with Retry-After over them.
 # Each proxy is started fresh for each repeat and stopped by its PID.
 #
@@ -96,14 +98,16 @@ NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 HAPROXY=$(command -v haproxy || echo /usr/sbin/haproxy)
 
 log "building (release)"
-cargo build --release --bin wsgate --example wsload --example echo_upstream >&2
+cargo build --release --bin wsgate --example wsload --example echo_upstream \
+    --example bare_pingora >&2
 WSGATE=$TARGET_DIR/release/wsgate
 WSLOAD=$TARGET_DIR/release/examples/wsload
 ECHO=$TARGET_DIR/release/examples/echo_upstream
+BARE=$TARGET_DIR/release/examples/bare_pingora
 
 # --- configs -----------------------------------------------------------------
 UP=$(free_port)
-WG=$(free_port); WG_ADMIN=$(free_port); NG=$(free_port); HA=$(free_port)
+WG=$(free_port); WG_ADMIN=$(free_port); NG=$(free_port); HA=$(free_port); BP=$(free_port)
 
 cat >"$WORK/wsgate.yaml" <<EOF
 listen:
@@ -212,6 +216,9 @@ start_target() {
         wsgate) PORT=$WG
             WSGATE_LOG=warn "$WSGATE" --config "$WORK/wsgate.yaml" >>"$WORK/wsgate.log" 2>&1 &
             PID=$! ;;
+        pingora) PORT=$BP
+            "$BARE" "127.0.0.1:$BP" "127.0.0.1:$UP" 2 >>"$WORK/pingora.log" 2>&1 &
+            PID=$! ;;
         nginx) PORT=$NG
             "$NGINX" -c "$WORK/nginx.conf" -p "$WORK/nginx" -e "$WORK/nginx/logs/error.log" \
                 -g 'daemon off;' >>"$WORK/nginx.log" 2>&1 &
@@ -243,7 +250,7 @@ load() {
 # --- runs --------------------------------------------------------------------
 BEGAN=$(date +%s)
 for repeat in $(seq "$REPEATS"); do
-    for target in direct wsgate nginx haproxy; do
+    for target in direct wsgate pingora nginx haproxy; do
         log "repeat $repeat/$REPEATS: $target"
         start_target "$target"
         url="ws://127.0.0.1:$PORT"
