@@ -236,6 +236,7 @@ fn default_admin() -> String {
 #[serde(deny_unknown_fields)]
 struct ServerFile {
     threads: Option<usize>,
+    work_stealing: Option<bool>,
     pid_file: Option<PathBuf>,
     upgrade_sock: Option<PathBuf>,
     grace_period: Option<Dur>,
@@ -489,6 +490,10 @@ pub struct Listener {
 #[derive(Debug, Clone, PartialEq)]
 pub struct ServerSettings {
     pub threads: usize,
+    /// Whether the proxy's threads share one work-stealing runtime. Off,
+    /// each thread runs its own, and a connection stays on the thread that
+    /// took it for its whole life. Read at startup.
+    pub work_stealing: bool,
     pub pid_file: PathBuf,
     pub upgrade_sock: PathBuf,
     /// How long live streams may run on after SIGTERM.
@@ -861,6 +866,7 @@ impl Checker<'_> {
             max_head_bytes,
             after_upgrade: raw.after_upgrade,
             threads: raw.threads.unwrap_or(2).max(1),
+            work_stealing: raw.work_stealing.unwrap_or(false),
             pid_file: raw
                 .pid_file
                 .unwrap_or_else(|| PathBuf::from("/tmp/wsgate/wsgate.pid")),
@@ -1364,6 +1370,7 @@ routes:
         assert_eq!(r.upstream.port, 8787);
         assert!(!r.upstream.tls);
         assert_eq!(c.server.tcp_keepalive, Some(DEFAULT_KEEPALIVE));
+        assert!(!c.server.work_stealing, "each thread keeps its connections");
         assert_eq!(c.client.ipv6_prefix, 64);
         let m = c.router.find(None, "/room/a/ws").unwrap();
         assert_eq!(m.key.as_deref(), Some("a"));

@@ -152,6 +152,7 @@ fn needs_restart(old: &Config, new: &Config) -> Option<&'static str> {
     let (o, n) = (&old.server, &new.server);
     let fields = [
         (o.threads != n.threads, "server.threads"),
+        (o.work_stealing != n.work_stealing, "server.work_stealing"),
         (o.pid_file != n.pid_file, "server.pid_file"),
         (o.upgrade_sock != n.upgrade_sock, "server.upgrade_sock"),
         (o.grace_period != n.grace_period, "server.grace_period"),
@@ -249,5 +250,41 @@ fn parent(path: &Path) -> PathBuf {
     match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn config(server: &str) -> Config {
+        let src = format!(
+            "listen:\n  - address: 127.0.0.1:8080\n{server}routes:\n  - name: r\n    prefix: /\n\
+             \x20   upstream:\n      url: http://127.0.0.1:8787\n"
+        );
+        crate::config::parse(Path::new("t.yaml"), &src).unwrap()
+    }
+
+    #[test]
+    fn a_change_of_a_startup_setting_names_it() {
+        let running = config("");
+        for (server, field) in [
+            ("server:\n  threads: 4\n", Some("server.threads")),
+            (
+                "server:\n  work_stealing: true\n",
+                Some("server.work_stealing"),
+            ),
+            ("server:\n  grace_period: 5s\n", Some("server.grace_period")),
+            (
+                "server:\n  after_upgrade: admit\n",
+                Some("server.after_upgrade"),
+            ),
+            // Read per connection: applied by a reload.
+            ("server:\n  head_timeout: 3s\n", None),
+            ("server:\n  max_head_bytes: 4096\n", None),
+        ] {
+            assert_eq!(needs_restart(&running, &config(server)), field, "{server}");
+        }
     }
 }

@@ -71,6 +71,7 @@ pub fn build(config: Config, options: RunOptions) -> anyhow::Result<(Server, Arc
 
     let conf = ServerConf {
         threads: config.server.threads,
+        work_stealing: config.server.work_stealing,
         pid_file: config.server.pid_file.display().to_string(),
         upgrade_sock: config.server.upgrade_sock.display().to_string(),
         grace_period_seconds: Some(config.server.grace_period.as_secs()),

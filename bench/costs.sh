@@ -1,0 +1,244 @@
+#!/usr/bin/env bash
+# What one upgrade and one echoed message cost each proxy: CPU time (user
+# and system), context switches and system calls, under `wsload rate` and
+# `wsload echo`.
+#
+# Targets: `wsgate`, `wsgate_stealing` (the same with `server.work_stealing:
+# true`), `pingora` (examples/bare_pingora.rs, Pingora 0.9 with its
+# defaults) and `nginx`, each with 2 workers in front of the same echo
+# upstream. For each target and load: a warm-up, REPEATS runs with the CPU
+# time and context switches of the proxy's threads read from /proc before
+# and after, then one run under `strace -c -f` (slowed by strace; only its
+# counts are used). Prints two Markdown tables.
+#
+# Usage: bench/costs.sh        (as root on Debian, for apt-get and strace)
+# Knobs: TARGETS="wsgate wsgate_stealing pingora nginx" REPEATS=3 SECS=4s
+#        CONC=32 ECHO_CONNS=50
+set -euo pipefail
+
+TARGETS=${TARGETS:-wsgate wsgate_stealing pingora nginx}
+REPEATS=${REPEATS:-3}
+SECS=${SECS:-4s}
+CONC=${CONC:-32}
+ECHO_CONNS=${ECHO_CONNS:-50}
+
+cd "$(dirname "$0")/.."
+TARGET_DIR=${CARGO_TARGET_DIR:-$(pwd)/target}
+WORK=$(mktemp -d /tmp/wsgate-costs.XXXXXX)
+UP_PID=""
+PID=""
+STRACE_PID=""
+
+log() { echo "[costs $(date +%T)] $*" >&2; }
+
+stop_pid() {
+    local pid=$1
+    kill -TERM "$pid" 2>/dev/null || return 0
+    for _ in $(seq 100); do
+        kill -0 "$pid" 2>/dev/null || { wait "$pid" 2>/dev/null || true; return 0; }
+        sleep 0.1
+    done
+    kill -KILL "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+}
+
+cleanup() {
+    [ -n "$STRACE_PID" ] && stop_pid "$STRACE_PID"
+    [ -n "$PID" ] && stop_pid "$PID"
+    [ -n "$UP_PID" ] && stop_pid "$UP_PID"
+    return 0
+}
+trap cleanup EXIT
+
+free_port() {
+    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+
+wait_port() {
+    for _ in $(seq 100); do
+        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+        sleep 0.1
+    done
+    log "nothing listens on port $1"
+    return 1
+}
+
+# Summed user ticks, system ticks and context switches of every thread of
+# the given comma-separated PIDs. The fields are read after the command
+# name, which may hold spaces.
+usage_of() {
+    local user=0 sys=0 switches=0 pid task fields
+    for pid in ${1//,/ }; do
+        for task in /proc/"$pid"/task/*; do
+            read -r -a fields < <(sed 's/^.*) //' "$task/stat")
+            user=$((user + fields[11]))
+            sys=$((sys + fields[12]))
+            switches=$((switches + $(awk '/ctxt_switches/ { n += $2 } END { print n }' "$task/status")))
+        done
+    done
+    echo "$user $sys $switches"
+}
+
+# --- install and build ---------------------------------------------------------
+need=()
+command -v nginx >/dev/null || need+=(nginx-light)
+command -v strace >/dev/null || need+=(strace)
+command -v jq >/dev/null || need+=(jq)
+if [ ${#need[@]} -gt 0 ]; then
+    log "installing ${need[*]} from Debian's packages"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"
+fi
+
+log "building (release)"
+cargo build --release --bin wsgate --example wsload --example echo_upstream \
+    --example bare_pingora >&2
+WSGATE=$TARGET_DIR/release/wsgate
+WSLOAD=$TARGET_DIR/release/examples/wsload
+ECHO=$TARGET_DIR/release/examples/echo_upstream
+BARE=$TARGET_DIR/release/examples/bare_pingora
+TICK=$(getconf CLK_TCK)
+
+# --- configs: the same route as bench/run.sh's /ws ------------------------------
+UP=$(free_port); WG=$(free_port); WG_ADMIN=$(free_port); NG=$(free_port); BP=$(free_port)
+WS=$(free_port); WS_ADMIN=$(free_port)
+cat >"$WORK/wsgate.yaml" <<EOF
+listen:
+  - address: 127.0.0.1:$WG
+admin:
+  address: 127.0.0.1:$WG_ADMIN
+server:
+  threads: 2
+  pid_file: $WORK/wsgate.pid
+  upgrade_sock: $WORK/wsgate.sock
+  grace_period: 1s
+routes:
+  - name: ws
+    prefix: /ws
+    upstream: { url: "http://127.0.0.1:$UP" }
+    limits: { total: 10000, per_client: 10 }
+    reject: { status: 503, retry_after: 5s }
+EOF
+sed -e "s/127.0.0.1:$WG\$/127.0.0.1:$WS/; s/127.0.0.1:$WG_ADMIN\$/127.0.0.1:$WS_ADMIN/" \
+    -e "s|  threads: 2|  threads: 2\n  work_stealing: true|; s|$WORK/wsgate\.|$WORK/stealing.|g" \
+    "$WORK/wsgate.yaml" >"$WORK/stealing.yaml"
+"$WSGATE" check --config "$WORK/wsgate.yaml" >&2
+"$WSGATE" check --config "$WORK/stealing.yaml" >&2
+mkdir -p "$WORK/nginx/logs"
+cat >"$WORK/nginx.conf" <<EOF
+worker_processes 2;
+pid $WORK/nginx/nginx.pid;
+error_log $WORK/nginx/logs/error.log error;
+events { worker_connections 20000; }
+http {
+    access_log off;
+    client_body_temp_path $WORK/nginx/tmp;
+    proxy_temp_path $WORK/nginx/tmp;
+    map \$uri \$ws_route { default ws; }
+    limit_conn_zone \$ws_route zone=route_ws:1m;
+    limit_conn_zone \$binary_remote_addr zone=client_ws:10m;
+    limit_conn_status 503;
+    upstream echo { server 127.0.0.1:$UP; }
+    server {
+        listen 127.0.0.1:$NG;
+        proxy_http_version 1.1;
+        proxy_set_header Upgrade \$http_upgrade;
+        proxy_set_header Connection "upgrade";
+        location /ws { limit_conn route_ws 10000; limit_conn client_ws 10; proxy_pass http://echo; }
+    }
+}
+EOF
+
+"$ECHO" "127.0.0.1:$UP" >"$WORK/echo.log" 2>&1 &
+UP_PID=$!
+wait_port "$UP"
+
+# Measures one target already listening on $PORT, whose processes are $PIDS:
+# `what` is `rate` (upgrade then close) or `echo` (64 B messages).
+measure() {
+    local target=$1 what=$2 url=$3 load count
+    case $what in
+        rate) load=(rate "$url" -c "$CONC"); count=.tally.upgraded ;;
+        echo) load=(echo "$url" -c "$ECHO_CONNS" --size 64); count=.messages ;;
+    esac
+    "$WSLOAD" "${load[@]}" --duration 2s >/dev/null
+
+    local rates=() users=() syss=() switches=() out n
+    for _ in $(seq "$REPEATS"); do
+        read -r u0 s0 c0 < <(usage_of "$PIDS")
+        out=$("$WSLOAD" "${load[@]}" --duration "$SECS")
+        read -r u1 s1 c1 < <(usage_of "$PIDS")
+        n=$(jq "$count" <<<"$out")
+        rates+=("$(python3 -c "print($n / $(jq .seconds <<<"$out"))")")
+        users+=("$(python3 -c "print(($u1 - $u0) * 1e6 / $TICK / $n)")")
+        syss+=("$(python3 -c "print(($s1 - $s0) * 1e6 / $TICK / $n)")")
+        switches+=("$(python3 -c "print(($c1 - $c0) / $n)")")
+    done
+
+    strace -c -f -o "$WORK/strace.$target.$what" \
+        $(for p in ${PIDS//,/ }; do echo "-p $p"; done) 2>/dev/null &
+    STRACE_PID=$!
+    sleep 1
+    out=$("$WSLOAD" "${load[@]}" --duration 3s)
+    kill -INT "$STRACE_PID"; wait "$STRACE_PID" 2>/dev/null || true; STRACE_PID=""
+
+    python3 - "$target" "$WORK/strace.$target.$what" "$(jq "$count" <<<"$out")" "${rates[*]}" \
+        "${users[*]}" "${syss[*]}" "${switches[*]}" >>"$WORK/table.$what" <<'PY'
+import statistics, sys
+target, trace, traced = sys.argv[1], sys.argv[2], int(sys.argv[3])
+med = lambda s: statistics.median(float(x) for x in s.split())
+calls, top = 0, []
+for line in open(trace):
+    f = line.split()
+    if len(f) >= 5 and f[0][0].isdigit():
+        if f[-1] == "total":
+            calls = int(f[3])
+        else:
+            top.append((int(f[3]), f[-1]))
+top.sort(reverse=True)
+detail = ", ".join(f"{name} {n / traced:.1f}" for n, name in top if n / traced >= 0.9)
+print(f"| {target} | {med(sys.argv[4]):,.0f} | {med(sys.argv[5]):.1f} | {med(sys.argv[6]):.1f} "
+      f"| {med(sys.argv[7]):.2f} | {calls / traced:.1f} ({detail}) |")
+PY
+}
+
+for target in $TARGETS; do
+    case $target in
+        wsgate) PORT=$WG
+            WSGATE_LOG=warn "$WSGATE" --config "$WORK/wsgate.yaml" >>"$WORK/wsgate.log" 2>&1 &
+            PID=$! ;;
+        wsgate_stealing) PORT=$WS
+            WSGATE_LOG=warn "$WSGATE" --config "$WORK/stealing.yaml" >>"$WORK/stealing.log" 2>&1 &
+            PID=$! ;;
+        pingora) PORT=$BP
+            "$BARE" "127.0.0.1:$BP" "127.0.0.1:$UP" 2 >>"$WORK/pingora.log" 2>&1 &
+            PID=$! ;;
+        nginx) PORT=$NG
+            nginx -c "$WORK/nginx.conf" -p "$WORK/nginx" -e "$WORK/nginx/logs/error.log" \
+                -g 'daemon off;' >>"$WORK/nginx.log" 2>&1 &
+            PID=$! ;;
+        *) log "unknown target $target"; exit 2 ;;
+    esac
+    wait_port "$PORT"
+    sleep 0.5
+    PIDS=$PID
+    for child in $(cat "/proc/$PID/task/$PID/children" 2>/dev/null); do PIDS="$PIDS,$child"; done
+    log "$target"
+    measure "$target" rate "ws://127.0.0.1:$PORT/ws"
+    measure "$target" echo "ws://127.0.0.1:$PORT/ws"
+    stop_pid "$PID"; PID=""
+    sleep 1
+done
+
+for what in rate echo; do
+    case $what in
+        rate) echo "Per upgrade (upgrade then close, $CONC at once):" ;;
+        echo) echo "Per 64 B message echoed ($ECHO_CONNS connections):" ;;
+    esac
+    echo
+    printf '| target | per second | user µs | system µs | context switches | system calls (strace) |\n'
+    printf '| --- | --- | --- | --- | --- | --- |\n'
+    cat "$WORK/table.$what"
+    echo
+done
+log "medians of $REPEATS runs of $SECS each; work files in $WORK"
