@@ -30,17 +30,7 @@ PID=""
 STRACE_PID=""
 
 log() { echo "[costs $(date +%T)] $*" >&2; }
-
-stop_pid() {
-    local pid=$1
-    kill -TERM "$pid" 2>/dev/null || return 0
-    for _ in $(seq 100); do
-        kill -0 "$pid" 2>/dev/null || { wait "$pid" 2>/dev/null || true; return 0; }
-        sleep 0.1
-    done
-    kill -KILL "$pid" 2>/dev/null || true
-    wait "$pid" 2>/dev/null || true
-}
+. bench/lib.sh
 
 cleanup() {
     [ -n "$STRACE_PID" ] && stop_pid "$STRACE_PID"
@@ -49,19 +39,6 @@ cleanup() {
     return 0
 }
 trap cleanup EXIT
-
-free_port() {
-    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
-}
-
-wait_port() {
-    for _ in $(seq 100); do
-        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-        sleep 0.1
-    done
-    log "nothing listens on port $1"
-    return 1
-}
 
 # Summed user ticks, system ticks and context switches of every thread of
 # the given comma-separated PIDs. The fields are read after the command
@@ -221,8 +198,7 @@ for target in $TARGETS; do
     esac
     wait_port "$PORT"
     sleep 0.5
-    PIDS=$PID
-    for child in $(cat "/proc/$PID/task/$PID/children" 2>/dev/null); do PIDS="$PIDS,$child"; done
+    PIDS=$(pid_tree "$PID")
     log "$target"
     measure "$target" rate "ws://127.0.0.1:$PORT/ws"
     measure "$target" echo "ws://127.0.0.1:$PORT/ws"
