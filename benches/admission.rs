@@ -105,18 +105,31 @@ fn contention(c: &mut Criterion) {
 
     let mut group = c.benchmark_group("admit_drop_contended");
     group.throughput(Throughput::Elements(1));
-    let (table, route, _held) = populated(1_000);
+    let shared = populated(1_000);
+    let apart: Vec<_> = (0..*counts.iter().max().unwrap_or(&2))
+        .map(|_| populated(1_000))
+        .collect();
     for threads in counts {
         group.bench_with_input(BenchmarkId::new("threads", threads), &threads, |b, &n| {
-            b.iter_custom(|iters| run_threads(&table, &route, n, iters));
+            b.iter_custom(|iters| run_threads(n, iters, |_| (&shared.0, &shared.1)));
+        });
+        // The control: as many threads, each on a table of its own, so
+        // nothing is shared. What the machine itself loses with every core
+        // busy; the gap to `threads` is the cost of sharing.
+        group.bench_with_input(BenchmarkId::new("apart", threads), &threads, |b, &n| {
+            b.iter_custom(|iters| run_threads(n, iters, |t| (&apart[t].0, &apart[t].1)));
         });
     }
     group.finish();
 }
 
-/// Runs `iters` admit+drop on each of `n` threads, started together; the
-/// wall time of the slowest.
-fn run_threads(table: &AdmissionTable, route: &Arc<RouteSlots>, n: usize, iters: u64) -> Duration {
+/// Runs `iters` admit+drop on each of `n` threads, started together, thread
+/// `t` on the table and route `on(t)`; the wall time of the slowest.
+fn run_threads<'a>(
+    n: usize,
+    iters: u64,
+    on: impl Fn(usize) -> (&'a AdmissionTable, &'a Arc<RouteSlots>) + Sync,
+) -> Duration {
     let start = Barrier::new(n);
     let rooms: Vec<String> = (0..n).map(|t| format!("thread-room-{t}")).collect();
     std::thread::scope(|s| {
@@ -124,8 +137,9 @@ fn run_threads(table: &AdmissionTable, route: &Arc<RouteSlots>, n: usize, iters:
             .iter()
             .enumerate()
             .map(|(t, room)| {
-                let start = &start;
+                let (start, on) = (&start, &on);
                 s.spawn(move || {
+                    let (table, route) = on(t);
                     let a = ask(room, client(60_000_000 + t as u32));
                     start.wait();
                     let began = Instant::now();

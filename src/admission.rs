@@ -10,6 +10,7 @@
 //! Counts live in the table, keyed by route name, not in the config: a reload
 //! swaps limits while the counts of routes that keep their name carry over.
 
+use crossbeam_utils::CachePadded;
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hash};
 use std::net::IpAddr;
@@ -181,17 +182,22 @@ pub enum Admission {
 /// A count per key, sharded to keep lock hold times short under contention.
 #[derive(Debug)]
 pub struct KeyedCounter<K> {
-    shards: Box<[Mutex<HashMap<K, u32>>]>,
+    // Each shard and the tracked count on a cache line of its own: threads
+    // admitting different keys must not slow each other down through lines
+    // they merely share.
+    shards: Box<[CachePadded<Mutex<HashMap<K, u32>>>]>,
     hasher: std::collections::hash_map::RandomState,
-    tracked: AtomicUsize,
+    tracked: CachePadded<AtomicUsize>,
 }
 
 impl<K: Hash + Eq + Clone> Default for KeyedCounter<K> {
     fn default() -> Self {
         Self {
-            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            shards: (0..SHARDS)
+                .map(|_| CachePadded::new(Mutex::new(HashMap::new())))
+                .collect(),
             hasher: Default::default(),
-            tracked: AtomicUsize::new(0),
+            tracked: CachePadded::new(AtomicUsize::new(0)),
         }
     }
 }
@@ -312,11 +318,14 @@ enum Taken {
 
 /// The live counts of one route. Shared by the table and every permit of the
 /// route, so a route removed by a reload stays valid until its last stream ends.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct RouteSlots {
-    live: AtomicU32,
+    live: CachePadded<AtomicU32>,
     keys: KeyedCounter<Box<str>>,
     clients: KeyedCounter<IpAddr>,
+    /// The table's per-client counts over all routes, so a permit can give
+    /// its slot there back without holding a reference of its own.
+    global_clients: Arc<KeyedCounter<IpAddr>>,
     rate: RateTable,
 }
 
@@ -384,7 +393,13 @@ impl AdmissionTable {
         if let Some(slots) = routes.get(name) {
             return slots.clone();
         }
-        let slots = Arc::new(RouteSlots::default());
+        let slots = Arc::new(RouteSlots {
+            live: Default::default(),
+            keys: Default::default(),
+            clients: Default::default(),
+            global_clients: self.global_clients.clone(),
+            rate: Default::default(),
+        });
         routes.insert(Arc::from(name), slots.clone());
         slots
     }
@@ -493,7 +508,7 @@ impl AdmissionTable {
                     .global_clients
                     .acquire(&ask.client, limit, ask.dry_run, max_keys);
                 match step(taken, Scope::GlobalClient) {
-                    Ok(true) => permit.global = Some((self.global_clients.clone(), ask.client)),
+                    Ok(true) => permit.global = Some(ask.client),
                     Ok(false) => {}
                     Err(scope) => return Admission::Refused(scope),
                 }
@@ -558,7 +573,8 @@ impl AdmissionTable {
 #[derive(Debug)]
 pub struct Permit {
     route: Arc<RouteSlots>,
-    global: Option<(Arc<KeyedCounter<IpAddr>>, IpAddr)>,
+    /// The client holding a slot in the table's global per-client counts.
+    global: Option<IpAddr>,
     client: Option<IpAddr>,
     key: Option<Box<str>>,
     total: bool,
@@ -579,7 +595,7 @@ impl Permit {
     /// The keyed scopes this permit holds (the route total is always held).
     pub fn held(&self) -> Held<'_> {
         Held {
-            global_client: self.global.as_ref().map(|(_, c)| *c),
+            global_client: self.global,
             client: self.client,
             key: self.key.as_deref(),
         }
@@ -602,8 +618,8 @@ impl Drop for Permit {
         if let Some(client) = &self.client {
             self.route.clients.release(client);
         }
-        if let Some((counter, client)) = &self.global {
-            counter.release(client);
+        if let Some(client) = &self.global {
+            self.route.global_clients.release(client);
         }
         if self.total {
             self.route.live.fetch_sub(1, Ordering::AcqRel);
