@@ -177,6 +177,7 @@ run. Run parameters: `{args.params}`; the runs took {args.elapsed} s.
 bench/run.sh                          # as root on Debian 12; installs nginx and haproxy
 HELD=9900 REPEATS=5 bench/run.sh      # larger runs (see the fd note in the analysis)
 cargo bench --bench admission         # the microbenchmarks alone
+bench/costs.sh                        # CPU time, context switches and system calls per upgrade and per message
 ```
 
 Each load step is one call of the project's load tool, for example:
