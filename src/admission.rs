@@ -179,13 +179,16 @@ pub enum Admission {
     Refused(Scope),
 }
 
+/// One shard of a keyed count, on a cache line of its own.
+type Shard<K> = CachePadded<Mutex<HashMap<K, u32>>>;
+
 /// A count per key, sharded to keep lock hold times short under contention.
 #[derive(Debug)]
 pub struct KeyedCounter<K> {
     // Each shard and the tracked count on a cache line of its own: threads
     // admitting different keys must not slow each other down through lines
     // they merely share.
-    shards: Box<[CachePadded<Mutex<HashMap<K, u32>>>]>,
+    shards: Box<[Shard<K>]>,
     hasher: std::collections::hash_map::RandomState,
     tracked: CachePadded<AtomicUsize>,
 }
