@@ -245,9 +245,14 @@ MACHINE=$(printf '%s\n' "$(nproc) cores: $(lscpu | sed -n 's/^Model name: *//p' 
     "$(. /etc/os-release && echo "$PRETTY_NAME")" \
     "$("$NGINX" -v 2>&1)" "$("$HAPROXY" -v | head -1)" "$(rustc --version)")
 
-python3 "$ROOT/bench/report.py" "$RESULTS" "$OUT" \
-    --machine "$MACHINE" --elapsed "$ELAPSED" --micro "$WORK/micro.txt" \
-    --params "HELD=$HELD WARM=$WARM REPEATS=$REPEATS HOLD=$HOLD ECHO_CONNS=$ECHO_CONNS ECHO_SECS=$ECHO_SECS RATE_SECS=$RATE_SECS RATE_CONC=$RATE_CONC BURST_N=$BURST_N" \
-    --config "wsgate.yaml=$WORK/wsgate.yaml" --config "nginx.conf=$WORK/nginx.conf" \
-    --config "haproxy.cfg=$WORK/haproxy.cfg"
-log "wrote $OUT in ${ELAPSED}s of runs; raw results in $RESULTS"
+# The report command is kept beside the results, so that after editing
+# bench/analysis.md the page can be written again without a new run.
+REPORT=(python3 "$ROOT/bench/report.py" "$RESULTS" "$OUT"
+    --machine "$MACHINE" --elapsed "$ELAPSED" --micro "$WORK/micro.txt"
+    --params "HELD=$HELD WARM=$WARM REPEATS=$REPEATS HOLD=$HOLD ECHO_CONNS=$ECHO_CONNS ECHO_SECS=$ECHO_SECS RATE_SECS=$RATE_SECS RATE_CONC=$RATE_CONC BURST_N=$BURST_N"
+    --config "wsgate.yaml=$WORK/wsgate.yaml" --config "nginx.conf=$WORK/nginx.conf"
+    --config "haproxy.cfg=$WORK/haproxy.cfg")
+{ echo '#!/usr/bin/env bash'; printf '%q ' "${REPORT[@]}"; echo; } >"$WORK/report.sh"
+chmod +x "$WORK/report.sh"
+"${REPORT[@]}"
+log "wrote $OUT in ${ELAPSED}s of runs; raw results in $RESULTS; write it again with $WORK/report.sh"
