@@ -1068,8 +1068,10 @@ impl Checker<'_> {
                 None
             }
             _ => {
+                // Both or neither: at the `path` line if there is one.
+                let path_line = r.path.as_deref().and_then(|p| self.line_of("path", p, 0));
                 self.problem(
-                    line,
+                    path_line.or(line),
                     at("path"),
                     "give exactly one of `path` (a pattern) or `prefix`",
                 );
@@ -1129,7 +1131,7 @@ impl Checker<'_> {
             Ok(s) if (400..=599).contains(&status) => Some(s),
             _ => {
                 self.problem(
-                    line,
+                    self.line_of("status", &status.to_string(), 0).or(line),
                     at("reject.status"),
                     format!("{status} is not a 4xx or 5xx status"),
                 );

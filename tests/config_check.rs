@@ -136,6 +136,18 @@ fn each_bad_file_gives_its_one_line_and_exit_1() {
             "bad.yaml:7: cluster.call_timeout: must be above 0 and at most a third of `lease`",
         ),
         (
+            "a refusal status that is not an error",
+            "    idle_timeout: 5m\n",
+            "    idle_timeout: 5m\n    reject:\n      status: 200\n",
+            "bad.yaml:14: routes[0].reject.status: 200 is not a 4xx or 5xx status",
+        ),
+        (
+            "both a path and a prefix",
+            "    key: room\n",
+            "    key: room\n    prefix: /room\n",
+            "bad.yaml:5: routes[0].path: give exactly one of `path` (a pattern) or `prefix`",
+        ),
+        (
             "not YAML",
             "    key: room\n",
             "    key: room\n   bad indent: [\n",
