@@ -128,21 +128,21 @@ impl ServerApp for Front {
         loop {
             let reused = self.proxy.process_new_http(session, shutdown).await;
 
-            let (handoff, fault, client, unsent) = {
+            let (handoff, fault) = {
                 let mut shared = shared.lock().unwrap_or_else(|e| e.into_inner());
-                let unsent = std::mem::take(&mut shared.unsent);
-                (
-                    shared.handoff.take(),
-                    shared.fault.take(),
-                    shared.client.take(),
-                    unsent,
-                )
+                (shared.handoff.take(), shared.fault.take())
             };
             if let Some(fault) = fault {
                 self.closed(fault, peer);
             }
             if let Some(mut handoff) = handoff {
+                // Dropping Pingora's hold on the connection is what moves it
+                // (and any unsent bytes) into `shared`: first that, then take.
                 drop(reused);
+                let (client, unsent) = {
+                    let mut shared = shared.lock().unwrap_or_else(|e| e.into_inner());
+                    (shared.client.take(), std::mem::take(&mut shared.unsent))
+                };
                 if !unsent.is_empty() {
                     let to_client = &mut handoff.upgraded.to_client;
                     *to_client = [unsent, std::mem::take(to_client)].concat();
