@@ -76,7 +76,7 @@ fn is_wsgate(pid: u32) -> bool {
 
 /// Whether `pid` is a process that has not exited. A zombie (exited, not yet
 /// reaped by its parent) has exited.
-pub fn is_running(pid: u32) -> bool {
+fn is_running(pid: u32) -> bool {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
         return false;
     };
@@ -102,7 +102,9 @@ impl BackgroundService for PreviousWatch {
         let mut pids = self.pids.clone();
         let mut tick = tokio::time::interval(POLL);
         loop {
-            pids.retain(|pid| is_running(*pid));
+            // Checked as at startup, so a pid reused by another program
+            // after the wsgate process exited does not hold upgrades back.
+            pids.retain(|pid| is_wsgate(*pid));
             let past = self.deadline.is_none_or(|d| Instant::now() >= d);
             if pids.is_empty() && past {
                 tracing::info!(previous = ?self.pids, "previous processes exited; admitting upgrades");
