@@ -158,11 +158,7 @@ async fn open_connections_are_capped_per_client_before_any_request() {
 
     // The harness's readiness probes came from this address too; they hold
     // no slot once the gateway has seen them close.
-    eventually(Duration::from_secs(10), "no connection open", || async {
-        let m = gw.metrics().await;
-        (m.get("wsgate_client_connections", &[]) == 0.0).then_some(())
-    })
-    .await;
+    wait_connections(&gw, 0, "no connection open").await;
 
     // Three idle connections from one address take its three slots; the
     // fourth is closed at once, before anything is read from it.
@@ -170,15 +166,7 @@ async fn open_connections_are_capped_per_client_before_any_request() {
     for _ in 0..3 {
         idle.push(TcpStream::connect(gw.addr).await.unwrap());
     }
-    eventually(
-        Duration::from_secs(10),
-        "three connections open",
-        || async {
-            let m = gw.metrics().await;
-            (m.get("wsgate_client_connections", &[]) == 3.0).then_some(())
-        },
-    )
-    .await;
+    wait_connections(&gw, 3, "three connections open").await;
     let mut fourth = TcpStream::connect(gw.addr).await.unwrap();
     let answer = closed_by_gateway(&mut fourth, Duration::from_secs(10)).await;
     assert!(answer.is_empty());
@@ -193,26 +181,14 @@ async fn open_connections_are_capped_per_client_before_any_request() {
     // Closing one gives its slot back: an upgrade from the address works,
     // and holds its slot for as long as the stream lives.
     idle.pop();
-    eventually(Duration::from_secs(10), "a slot is free again", || async {
-        let m = gw.metrics().await;
-        (m.get("wsgate_client_connections", &[]) == 4.0).then_some(())
-    })
-    .await;
+    wait_connections(&gw, 4, "a slot is free again").await;
     let ws = connect_from("127.0.0.1".parse().unwrap(), &gw.url("/ws"), &[]).await;
     assert_eq!(ws.status(), 101);
     let mut extra = TcpStream::connect(gw.addr).await.unwrap();
     closed_by_gateway(&mut extra, Duration::from_secs(10)).await;
 
     drop((ws, idle, other, exempt));
-    eventually(
-        Duration::from_secs(10),
-        "every connection closed",
-        || async {
-            let m = gw.metrics().await;
-            (m.get("wsgate_client_connections", &[]) == 0.0).then_some(())
-        },
-    )
-    .await;
+    wait_connections(&gw, 0, "every connection closed").await;
     gw.wait_active("relay", 0).await;
 }
 
@@ -321,13 +297,14 @@ async fn an_upstream_answer_trickled_forever_is_cut_off() {
     assert!(answer.starts_with(b"HTTP/1.1 200"), "{answer:?}");
     drop(s);
     gw.wait_active("relay", 0).await;
-    eventually(
-        Duration::from_secs(10),
-        "the connection is gone",
-        || async {
-            let m = gw.metrics().await;
-            (m.get("wsgate_client_connections", &[]) == 0.0).then_some(())
-        },
-    )
+    wait_connections(&gw, 0, "the connection is gone").await;
+}
+
+/// Waits until the gateway counts `n` open client connections.
+async fn wait_connections(gw: &Wsgate, n: u32, what: &str) {
+    eventually(Duration::from_secs(10), what, || async {
+        let open = gw.metrics().await.get("wsgate_client_connections", &[]);
+        (open == f64::from(n)).then_some(())
+    })
     .await;
 }

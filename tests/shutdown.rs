@@ -175,6 +175,14 @@ async fn draining_gateway(up: &Upstream, after_upgrade: &str) -> Wsgate {
     .await
 }
 
+/// Rewrites the drain of a [`draining_gateway`]'s config file, for the
+/// process that next reads it (one started with `--upgrade`).
+fn set_grace(gw: &Wsgate, grace: &str) {
+    let text = std::fs::read_to_string(&gw.config_path).unwrap();
+    let text = text.replace("grace_period: 60s", &format!("grace_period: {grace}"));
+    std::fs::write(&gw.config_path, text).unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_binary_upgrade_upgrades_wait_for_the_previous_process() {
     let up = Upstream::start().await;
@@ -280,13 +288,7 @@ async fn two_upgrades_in_a_row_wait_for_the_first_process_too() {
 
     // The second process drains for 1 s only, so it exits while the first
     // still holds its three streams; the third must still wait.
-    std::fs::write(
-        &first.config_path,
-        std::fs::read_to_string(&first.config_path)
-            .unwrap()
-            .replace("grace_period: 60s", "grace_period: 1s"),
-    )
-    .unwrap();
+    set_grace(&first, "1s");
     let second = first.upgrade().await;
     assert!(second.log().contains("upgrades wait until it exits"));
     let third = second.upgrade(&first).await;
@@ -323,13 +325,7 @@ async fn without_a_pid_file_upgrades_wait_out_a_whole_drain() {
     let old = draining_gateway(&up, "").await;
     // A drain for the test: the wait is it plus 5 s, long enough that the
     // refusal is seen inside it however slowly the new process starts.
-    std::fs::write(
-        &old.config_path,
-        std::fs::read_to_string(&old.config_path)
-            .unwrap()
-            .replace("grace_period: 60s", "grace_period: 8s"),
-    )
-    .unwrap();
+    set_grace(&old, "8s");
     let url = old.url("/ws");
     let held = connect(&url).await.into_open();
     std::fs::remove_file(old.dir.path().join("wsgate.pid")).unwrap();
