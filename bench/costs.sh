@@ -76,55 +76,15 @@ ECHO=$TARGET_DIR/release/examples/echo_upstream
 BARE=$TARGET_DIR/release/examples/bare_pingora
 TICK=$(getconf CLK_TCK)
 
-# --- configs: the same route as bench/run.sh's /ws ------------------------------
+# --- configs: bench/run.sh's, measured on /ws -------------------------------------
 UP=$(free_port); WG=$(free_port); WG_ADMIN=$(free_port); NG=$(free_port); BP=$(free_port)
 WS=$(free_port); WS_ADMIN=$(free_port)
-cat >"$WORK/wsgate.yaml" <<EOF
-listen:
-  - address: 127.0.0.1:$WG
-admin:
-  address: 127.0.0.1:$WG_ADMIN
-server:
-  threads: 2
-  pid_file: $WORK/wsgate.pid
-  upgrade_sock: $WORK/wsgate.sock
-  grace_period: 1s
-routes:
-  - name: ws
-    prefix: /ws
-    upstream: { url: "http://127.0.0.1:$UP" }
-    limits: { total: 10000, per_client: 10 }
-    reject: { status: 503, retry_after: 5s }
-EOF
-sed -e "s/127.0.0.1:$WG\$/127.0.0.1:$WS/; s/127.0.0.1:$WG_ADMIN\$/127.0.0.1:$WS_ADMIN/" \
-    -e "s|  threads: 2|  threads: 2\n  work_stealing: true|; s|$WORK/wsgate\.|$WORK/stealing.|g" \
-    "$WORK/wsgate.yaml" >"$WORK/stealing.yaml"
+write_wsgate_config "$WORK/wsgate.yaml" "$WG" "$WG_ADMIN" "$UP"
+write_wsgate_config "$WORK/stealing.yaml" "$WS" "$WS_ADMIN" "$UP" "  work_stealing: true
+"
 "$WSGATE" check --config "$WORK/wsgate.yaml" >&2
 "$WSGATE" check --config "$WORK/stealing.yaml" >&2
-mkdir -p "$WORK/nginx/logs"
-cat >"$WORK/nginx.conf" <<EOF
-worker_processes 2;
-pid $WORK/nginx/nginx.pid;
-error_log $WORK/nginx/logs/error.log error;
-events { worker_connections 20000; }
-http {
-    access_log off;
-    client_body_temp_path $WORK/nginx/tmp;
-    proxy_temp_path $WORK/nginx/tmp;
-    map \$uri \$ws_route { default ws; }
-    limit_conn_zone \$ws_route zone=route_ws:1m;
-    limit_conn_zone \$binary_remote_addr zone=client_ws:10m;
-    limit_conn_status 503;
-    upstream echo { server 127.0.0.1:$UP; }
-    server {
-        listen 127.0.0.1:$NG;
-        proxy_http_version 1.1;
-        proxy_set_header Upgrade \$http_upgrade;
-        proxy_set_header Connection "upgrade";
-        location /ws { limit_conn route_ws 10000; limit_conn client_ws 10; proxy_pass http://echo; }
-    }
-}
-EOF
+write_nginx_config "$WORK" "$NG" "$UP"
 
 "$ECHO" "127.0.0.1:$UP" >"$WORK/echo.log" 2>&1 &
 UP_PID=$!

@@ -35,3 +35,72 @@ pid_tree() {
     done
     echo "$pids"
 }
+
+# The bench's wsgate config, written to FILE (ending in .yaml): listening on
+# PORT with its admin on ADMIN, routes /ws (10,000 streams, 10 per client)
+# and /burst (100, 10 per client) to the upstream on UP_PORT; EXTRA, if
+# given, is more lines of its `server:` section. Its pid file and upgrade
+# socket sit beside FILE.
+# Usage: write_wsgate_config FILE PORT ADMIN UP_PORT [EXTRA]
+write_wsgate_config() {
+    cat >"$1" <<EOF
+listen:
+  - address: 127.0.0.1:$2
+admin:
+  address: 127.0.0.1:$3
+server:
+  threads: 2
+  pid_file: ${1%.yaml}.pid
+  upgrade_sock: ${1%.yaml}.sock
+  grace_period: 1s
+${5:-}routes:
+  - name: burst
+    prefix: /burst
+    upstream: { url: "http://127.0.0.1:$4" }
+    limits: { total: 100, per_client: 10 }
+    reject: { status: 503, retry_after: 5s }
+  - name: ws
+    prefix: /ws
+    upstream: { url: "http://127.0.0.1:$4" }
+    limits: { total: 10000, per_client: 10 }
+    reject: { status: 503, retry_after: 5s }
+EOF
+}
+
+# The same limits for nginx (limit_conn), written to DIR/nginx.conf, with
+# its pid, logs and temporary files under DIR/nginx.
+# Usage: write_nginx_config DIR PORT UP_PORT
+write_nginx_config() {
+    mkdir -p "$1/nginx/logs"
+    cat >"$1/nginx.conf" <<EOF
+worker_processes 2;
+worker_rlimit_nofile 20000;
+pid $1/nginx/nginx.pid;
+error_log $1/nginx/logs/error.log error;
+events { worker_connections 20000; }
+http {
+    access_log off;
+    client_body_temp_path $1/nginx/tmp;
+    proxy_temp_path $1/nginx/tmp;
+    map \$uri \$ws_route { ~^/burst burst; default ws; }
+    limit_conn_zone \$ws_route zone=route_ws:1m;
+    limit_conn_zone \$ws_route zone=route_burst:1m;
+    limit_conn_zone \$binary_remote_addr zone=client_ws:10m;
+    limit_conn_zone \$binary_remote_addr zone=client_burst:10m;
+    limit_conn_status 503;
+    upstream echo { server 127.0.0.1:$3; }
+    server {
+        listen 127.0.0.1:$2;
+        proxy_http_version 1.1;
+        proxy_set_header Upgrade \$http_upgrade;
+        proxy_set_header Connection "upgrade";
+        proxy_read_timeout 1h;
+        proxy_send_timeout 1h;
+        error_page 503 @over;
+        location /ws { limit_conn route_ws 10000; limit_conn client_ws 10; proxy_pass http://echo; }
+        location /burst { limit_conn route_burst 100; limit_conn client_burst 10; proxy_pass http://echo; }
+        location @over { add_header Retry-After 5 always; return 503 "over limit\n"; }
+    }
+}
+EOF
+}

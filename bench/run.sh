@@ -75,61 +75,9 @@ BARE=$TARGET_DIR/release/examples/bare_pingora
 UP=$(free_port)
 WG=$(free_port); WG_ADMIN=$(free_port); NG=$(free_port); HA=$(free_port); BP=$(free_port)
 
-cat >"$WORK/wsgate.yaml" <<EOF
-listen:
-  - address: 127.0.0.1:$WG
-admin:
-  address: 127.0.0.1:$WG_ADMIN
-server:
-  threads: 2
-  pid_file: $WORK/wsgate.pid
-  upgrade_sock: $WORK/wsgate.sock
-  grace_period: 1s
-routes:
-  - name: burst
-    prefix: /burst
-    upstream: { url: "http://127.0.0.1:$UP" }
-    limits: { total: 100, per_client: 10 }
-    reject: { status: 503, retry_after: 5s }
-  - name: ws
-    prefix: /ws
-    upstream: { url: "http://127.0.0.1:$UP" }
-    limits: { total: 10000, per_client: 10 }
-    reject: { status: 503, retry_after: 5s }
-EOF
+write_wsgate_config "$WORK/wsgate.yaml" "$WG" "$WG_ADMIN" "$UP"
 
-mkdir -p "$WORK/nginx/logs"
-cat >"$WORK/nginx.conf" <<EOF
-worker_processes 2;
-worker_rlimit_nofile 20000;
-pid $WORK/nginx/nginx.pid;
-error_log $WORK/nginx/logs/error.log error;
-events { worker_connections 20000; }
-http {
-    access_log off;
-    client_body_temp_path $WORK/nginx/tmp;
-    proxy_temp_path $WORK/nginx/tmp;
-    map \$uri \$ws_route { ~^/burst burst; default ws; }
-    limit_conn_zone \$ws_route zone=route_ws:1m;
-    limit_conn_zone \$ws_route zone=route_burst:1m;
-    limit_conn_zone \$binary_remote_addr zone=client_ws:10m;
-    limit_conn_zone \$binary_remote_addr zone=client_burst:10m;
-    limit_conn_status 503;
-    upstream echo { server 127.0.0.1:$UP; }
-    server {
-        listen 127.0.0.1:$NG;
-        proxy_http_version 1.1;
-        proxy_set_header Upgrade \$http_upgrade;
-        proxy_set_header Connection "upgrade";
-        proxy_read_timeout 1h;
-        proxy_send_timeout 1h;
-        error_page 503 @over;
-        location /ws { limit_conn route_ws 10000; limit_conn client_ws 10; proxy_pass http://echo; }
-        location /burst { limit_conn route_burst 100; limit_conn client_burst 10; proxy_pass http://echo; }
-        location @over { add_header Retry-After 5 always; return 503 "over limit\n"; }
-    }
-}
-EOF
+write_nginx_config "$WORK" "$NG" "$UP"
 
 cat >"$WORK/haproxy.cfg" <<EOF
 global
