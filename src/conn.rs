@@ -15,11 +15,14 @@
 use crate::admission::ConnectionSlot;
 use crate::config::ServerSettings;
 use crate::gateway::Gateway;
+use crate::handshake::{self, First};
 use crate::metrics::ConnectionClosed;
-use crate::proxy::{Proxy, Stream as Admitted};
+use crate::proxy::Proxy;
 use crate::relay::{self, Bounds, Upgraded};
+use crate::stream::Stream as Admitted;
 use async_trait::async_trait;
 use pingora::apps::{HttpServerApp, ServerApp};
+use pingora::connectors::TransportConnector;
 use pingora::protocols::http::ServerSession;
 use pingora::protocols::raw_connect::ProxyDigest;
 use pingora::protocols::tls::{SslDigest, TlsRef};
@@ -38,20 +41,27 @@ use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::time::Sleep;
+use tokio::time::{Instant as TokioInstant, Sleep};
 
 /// The proxy listeners' application: Pingora's HTTP proxy behind the
 /// connection cap and the head bounds, and the relay of admitted streams.
 pub struct Front {
     proxy: Arc<HttpProxy<Proxy>>,
     gateway: Arc<Gateway>,
+    /// Upstream connections for upgrades carried by [`handshake`].
+    transport: TransportConnector,
 }
 
 impl Front {
-    pub fn new(proxy: HttpProxy<Proxy>, gateway: Arc<Gateway>) -> Self {
+    pub fn new(
+        proxy: HttpProxy<Proxy>,
+        gateway: Arc<Gateway>,
+        transport: TransportConnector,
+    ) -> Self {
         Self {
             proxy: Arc::new(proxy),
             gateway,
+            transport,
         }
     }
 }
@@ -112,15 +122,42 @@ impl ServerApp for Front {
         };
         let open = Open::new(self.gateway.clone(), slot);
 
+        // A first request that is a plain WebSocket upgrade is carried here;
+        // anything else goes to Pingora with what was read put back.
+        let accepted = TokioInstant::now();
+        let (stream, read) = if *shutdown.borrow() {
+            (stream, Vec::new())
+        } else {
+            let deadline = accepted + head.0;
+            match handshake::first(
+                &self.gateway,
+                &self.transport,
+                stream,
+                peer,
+                deadline,
+                head.1,
+            )
+            .await
+            {
+                First::Declined { client, read } => (client, read),
+                First::Done => return None,
+                First::Upgraded { client, handoff } => {
+                    tokio::spawn(carry(client, *handoff, open));
+                    return None;
+                }
+            }
+        };
+
         let shared = Arc::new(Mutex::new(Shared::default()));
         let mut guarded = Box::new(Guarded {
             inner: Some(stream),
+            rewound: read,
             head: None,
             shared: shared.clone(),
             gathered: Vec::new(),
             gathered_sent: 0,
         });
-        guarded.watch_head(head, true);
+        guarded.watch_head(head, Some(accepted));
         let mut session = ServerSession::new_http1(guarded);
         // Pingora's own defaults for a new connection.
         session.set_keepalive(if *shutdown.borrow() { None } else { Some(60) });
@@ -159,7 +196,7 @@ impl ServerApp for Front {
 
             let (stream, settings) = reused?.consume();
             let mut guarded = stream.into_any().downcast::<Guarded>().ok()?;
-            guarded.watch_head(head_bounds(&self.gateway.snapshot().config.server), false);
+            guarded.watch_head(head_bounds(&self.gateway.snapshot().config.server), None);
             session = ServerSession::new_http1(guarded);
             if let Some(settings) = settings {
                 settings.apply_to_session(&mut session);
@@ -261,6 +298,8 @@ struct Shared {
 struct Guarded {
     /// `None` only once moved out for a hand-off.
     inner: Option<Stream>,
+    /// Bytes the front door read and gave back, read before `inner`.
+    rewound: Vec<u8>,
     head: Option<HeadWatch>,
     shared: Arc<Mutex<Shared>>,
     /// Small writes not yet sent (see [`GATHER`]), and how much of them was.
@@ -279,12 +318,16 @@ impl std::fmt::Debug for Shared {
 
 impl Guarded {
     /// Starts bounding the next request head. A connection's first head is
-    /// timed from now (accept); later ones from their first byte, since the
+    /// timed from `accepted`; later ones from their first byte, since the
     /// wait between requests is Pingora's keepalive timeout.
-    fn watch_head(&mut self, (timeout, max_bytes): (Duration, usize), from_now: bool) {
+    fn watch_head(
+        &mut self,
+        (timeout, max_bytes): (Duration, usize),
+        accepted: Option<TokioInstant>,
+    ) {
         let mut watch = HeadWatch::new(timeout, max_bytes);
-        if from_now {
-            watch.start();
+        if let Some(at) = accepted {
+            watch.start_at(at);
         }
         self.head = Some(watch);
     }
@@ -336,9 +379,21 @@ impl AsyncRead for Guarded {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         let before = buf.filled().len();
-        let read = match this.inner() {
-            Ok(inner) => Pin::new(inner).poll_read(cx, buf),
-            Err(e) => return Poll::Ready(Err(e)),
+        let read = if this.rewound.is_empty() {
+            match this.inner() {
+                Ok(inner) => Pin::new(inner).poll_read(cx, buf),
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        } else {
+            // What the front door read first comes first, through the same
+            // head bounds as any other byte.
+            let n = this.rewound.len().min(buf.remaining());
+            buf.put_slice(&this.rewound[..n]);
+            this.rewound.drain(..n);
+            if this.rewound.is_empty() {
+                this.rewound = Vec::new();
+            }
+            Poll::Ready(Ok(()))
         };
         let Some(head) = this.head.as_mut() else {
             return read;
@@ -533,8 +588,12 @@ impl HeadWatch {
     }
 
     fn start(&mut self) {
+        self.start_at(TokioInstant::now());
+    }
+
+    fn start_at(&mut self, at: TokioInstant) {
         if self.deadline.is_none() {
-            self.deadline = Some(Box::pin(tokio::time::sleep(self.timeout)));
+            self.deadline = Some(Box::pin(tokio::time::sleep_until(at + self.timeout)));
         }
     }
 

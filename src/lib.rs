@@ -1,13 +1,15 @@
 //! wsgate: an admission gateway for WebSocket upstreams, built on Pingora.
 //!
 //! Modules in the order a request meets them: `config` says what is allowed
-//! (`pem` checks the TLS files it names), `request` tells a stream from
-//! plain HTTP, `route` finds the route and its key, `client` names the
-//! client, `admission` takes the slots (and `cluster` takes them across a
-//! fleet of instances), `refusal` answers when it cannot,
-//! `proxy` hooks into Pingora and `relay` carries the stream; `gateway`
-//! holds the shared state, `metrics` and `admin` report on it, `server`
-//! wires it up.
+//! (`pem` checks the TLS files it names); `conn` is the front door that owns
+//! each connection, and `handshake` carries a connection's first request
+//! there when it is a plain WebSocket upgrade, `proxy` hooks into Pingora
+//! for everything else; `request` tells a stream from plain HTTP, `route`
+//! finds the route and its key, `client` names the client, `stream` is what
+//! every upgrade goes through either way, `admission` takes the slots (and
+//! `cluster` takes them across a fleet of instances), `refusal` answers when
+//! it cannot, and `relay` carries the stream; `gateway` holds the shared
+//! state, `metrics` and `admin` report on it, `server` wires it up.
 #![forbid(unsafe_code)]
 
 pub mod admin;
@@ -17,6 +19,7 @@ pub mod cluster;
 pub mod config;
 pub mod conn;
 pub mod gateway;
+pub mod handshake;
 pub mod metrics;
 pub mod pem;
 pub mod proxy;
@@ -27,4 +30,5 @@ pub mod reload;
 pub mod request;
 pub mod route;
 pub mod server;
+pub mod stream;
 pub mod upgrade;

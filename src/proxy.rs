@@ -8,12 +8,12 @@
 //! touches it; after a 101 the stream is handed to its connection
 //! ([`conn`](crate::conn)) and relayed there.
 //!
-//! A stream's slots are held by the [`Permit`] inside [`Stream`], which lives
-//! in the request context. Every way a stream ends drops it (and a non-101
-//! answer drops it early), so release is always `Drop`.
+//! Only upgrades that arrive after another request on a kept-alive
+//! connection, or that the front door's own handshake
+//! ([`handshake`](crate::handshake)) declines, take this way; the
+//! admitted [`Stream`] lives in the request context.
 
-use crate::admission::{Admission, Ask, Permit, Scope};
-use crate::client::Client;
+use crate::admission::Scope;
 use crate::config::{self, Upstream};
 use crate::conn::{hand_off, Handoff};
 use crate::gateway::{Gateway, LiveRoute, Snapshot};
@@ -22,6 +22,7 @@ use crate::refusal;
 use crate::relay::{self, Bounds, End, Outcome, Phase};
 use crate::request::{self, Kind};
 use crate::route::normalize_path;
+use crate::stream::{self, Stream};
 use async_trait::async_trait;
 use bytes::Bytes;
 use pingora::connectors::http::v1::Connector;
@@ -29,7 +30,6 @@ use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::HttpPeer;
 use pingora::{Error, ErrorType, Result};
 use pingora_proxy::{ProxyHttp, Session};
-use prometheus::Histogram;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Instant;
@@ -59,22 +59,6 @@ pub struct Ctx {
 impl Ctx {
     fn live_route(&self) -> Option<&LiveRoute> {
         Some(&self.snapshot.as_ref()?.routes[self.route?])
-    }
-}
-
-/// An admitted stream: its slots and its timing. Dropping it gives the
-/// slots back and records the stream's duration if it was upgraded.
-pub struct Stream {
-    _permit: Permit,
-    duration: Histogram,
-    upgraded_at: Option<Instant>,
-}
-
-impl Drop for Stream {
-    fn drop(&mut self) {
-        if let Some(at) = self.upgraded_at {
-            self.duration.observe(at.elapsed().as_secs_f64());
-        }
     }
 }
 
@@ -123,28 +107,10 @@ impl ProxyHttp for Proxy {
             .client_addr()
             .and_then(|a| a.as_inet())
             .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), SocketAddr::ip);
-        let client = snapshot.config.client.identify(peer, &req.headers);
-        let ask = ask_for(&snapshot.config, &live.route, found.key.as_deref(), &client);
-
-        match self.gateway.admit(live, &ask).await {
-            Admission::Admitted {
-                permit,
-                would_refuse,
-            } => {
-                if let Some(scope) = would_refuse {
-                    live.rejected(scope, true).inc();
-                    self.log_refusal(&live.route, &client, scope, true);
-                }
-                live.admitted.inc();
-                ctx.stream = Some(Stream {
-                    _permit: permit,
-                    duration: live.duration.clone(),
-                    upgraded_at: None,
-                });
-            }
-            Admission::Refused(scope) => {
-                live.rejected(scope, false).inc();
-                self.log_refusal(&live.route, &client, scope, false);
+        let key = found.key.as_deref();
+        match stream::admit(&self.gateway, &snapshot, live, key, peer, &req.headers).await {
+            Ok(admitted) => ctx.stream = Some(admitted),
+            Err(scope) => {
                 refuse(session, &live.route, scope).await?;
                 return Ok(true);
             }
@@ -158,7 +124,7 @@ impl ProxyHttp for Proxy {
         let (Some(snapshot), Some(live)) = (ctx.snapshot.as_ref(), ctx.live_route()) else {
             return Error::e_explain(ErrorType::InternalError, "request has no route");
         };
-        let mut peer = peer_for(live, &snapshot.config).await?;
+        let mut peer = stream::peer_for(live, &snapshot.config).await?;
         peer.options.read_timeout = Some(live.route.upstream.handshake_timeout);
         Ok(Box::new(peer))
     }
@@ -194,7 +160,7 @@ impl Proxy {
     ) {
         let route = &live.route;
         let mut request = session.req_header().clone();
-        let prepared = match peer_for(live, &snapshot.config).await {
+        let prepared = match stream::peer_for(live, &snapshot.config).await {
             Ok(peer) => rewrite(&mut request, &route.upstream).map(|()| peer),
             Err(e) => Err(e),
         };
@@ -212,7 +178,7 @@ impl Proxy {
                             match phase {
                                 Phase::Upgraded(at) => {
                                     if let Some(s) = stream.as_mut() {
-                                        s.upgraded_at = Some(at);
+                                        s.upgraded(at);
                                     }
                                 }
                                 Phase::NotUpgraded => *stream = None,
@@ -251,105 +217,7 @@ impl Proxy {
                 }
             };
         ctx.stream = None;
-        self.record(live, outcome);
-    }
-
-    /// Counts and logs how a stream ended; upstream faults are logged
-    /// through the same budget as refusals, so a failing upstream under a
-    /// flood cannot fill a disk either.
-    fn record(&self, live: &LiveRoute, outcome: Outcome) {
-        let route = &live.route.name;
-        match outcome {
-            Outcome::Failed {
-                reason,
-                answered,
-                error,
-            } => {
-                self.count_failure(live, reason);
-                let mut error = error.map_or_else(String::new, |e| e.to_string());
-                // The error may quote what the upstream sent: keep the line short.
-                if let Some((at, _)) = error.char_indices().nth(LOGGED_ERROR_CHARS) {
-                    error.truncate(at);
-                    error.push('…');
-                }
-                if reason == UpstreamFailure::Status {
-                    // The upstream's own answer: its decision, not a fault.
-                    tracing::debug!(%route, answered, "upstream declined the upgrade");
-                } else if let Some(suppressed) = self.gateway.failure_log.admit_line() {
-                    tracing::warn!(
-                        %route,
-                        reason = reason.as_str(),
-                        answered,
-                        %error,
-                        suppressed,
-                        "upstream failed the upgrade"
-                    );
-                }
-            }
-            Outcome::Ended(end) => {
-                tracing::debug!(%route, end = end.as_str(), "stream ended");
-            }
-            Outcome::Upgraded(_) => {
-                tracing::debug!(%route, "stream ended: it could not be handed over");
-            }
-        }
-    }
-
-    fn log_refusal(&self, route: &config::Route, client: &Client, scope: Scope, dry_run: bool) {
-        let Some(suppressed) = self.gateway.rejections.admit_line() else {
-            return;
-        };
-        let (route, client, scope) = (&route.name, client.addr, scope.as_str());
-        if dry_run {
-            tracing::info!(%route, %client, scope, dry_run, suppressed, "upgrade would be refused (dry run: admitted)");
-        } else {
-            tracing::info!(%route, %client, scope, dry_run, suppressed, "upgrade refused");
-        }
-    }
-
-    fn count_failure(&self, live: &LiveRoute, reason: UpstreamFailure) {
-        self.gateway
-            .metrics
-            .upstream_failures
-            .with_label_values(&[&live.route.name, reason.as_str()])
-            .inc();
-    }
-}
-
-/// The most of an upstream error a log line quotes.
-const LOGGED_ERROR_CHARS: usize = 512;
-
-/// What admission is asked for one upgrade: the route's limits with any
-/// override for this client (matched on its own address) or this key, and
-/// the client's counting identity.
-fn ask_for<'a>(
-    config: &config::Config,
-    route: &config::Route,
-    key: Option<&'a str>,
-    client: &Client,
-) -> Ask<'a> {
-    let mut limits = route.limits;
-    limits.per_client = route
-        .overrides
-        .per_client(client.addr)
-        .or(limits.per_client);
-    limits.per_key = key
-        .and_then(|k| route.overrides.per_key(k))
-        .or(limits.per_key);
-    let global_per_client = config
-        .global_overrides
-        .per_client(client.addr)
-        .or(config.global_per_client);
-    Ask {
-        limits,
-        global_per_client,
-        key,
-        client: client.key,
-        client_exempt: client.exempt,
-        rate: route.rate,
-        global_rate: config.global_rate,
-        dry_run: route.dry_run,
-        tracking: config.tracking,
+        stream::record(&self.gateway, live, outcome);
     }
 }
 
@@ -360,25 +228,6 @@ async fn refuse(session: &mut Session, route: &config::Route, scope: Scope) -> R
     session.set_keepalive(None);
     session.write_response_header(Box::new(head), false).await?;
     session.write_response_body(Some(body), true).await
-}
-
-/// The peer for a route's upstream, with its timeouts and TLS settings.
-async fn peer_for(live: &LiveRoute, config: &config::Config) -> Result<HttpPeer> {
-    let up = &live.route.upstream;
-    let addr = resolve(&up.host, up.port).await?;
-    let mut peer = HttpPeer::new(addr, up.tls, up.sni.clone());
-    peer.group_key = live.ca_group;
-    let o = &mut peer.options;
-    o.connection_timeout = Some(up.connect_timeout);
-    o.total_connection_timeout = Some(up.connect_timeout);
-    o.verify_cert = up.verify_cert;
-    o.verify_hostname = up.verify_cert;
-    o.ca = live.ca.clone();
-    o.tcp_keepalive = config
-        .server
-        .tcp_keepalive
-        .map(|k| crate::server::keepalive(&k));
-    Ok(peer)
 }
 
 /// Sends the path as it was matched and counted, and the route's Host.
@@ -420,18 +269,4 @@ async fn respond_plain(session: &mut Session, status: u16, what: &str) -> Result
     session
         .write_response_body(Some(Bytes::from(body)), true)
         .await
-}
-
-/// Resolves an upstream host without blocking a worker thread and without
-/// panicking on failure (`HttpPeer::new` unwraps its own lookup).
-async fn resolve(host: &str, port: u16) -> Result<SocketAddr> {
-    if let Ok(ip) = host.parse::<IpAddr>() {
-        return Ok(SocketAddr::new(ip, port));
-    }
-    let mut addrs = tokio::net::lookup_host((host, port))
-        .await
-        .map_err(|e| Error::because(ErrorType::ConnectNoRoute, format!("resolving {host}"), e))?;
-    addrs
-        .next()
-        .ok_or_else(|| Error::explain(ErrorType::ConnectNoRoute, format!("{host} has no address")))
 }

@@ -205,16 +205,10 @@ async fn handshake(
     request: RequestHeader,
     bounds: Bounds,
 ) -> Result<UpstreamSession, (UpstreamFailure, Box<Error>)> {
-    let (mut up, _reused) = connector.get_http_session(peer).await.map_err(|e| {
-        let reason = match e.etype() {
-            ErrorType::ConnectTimedout => UpstreamFailure::Timeout,
-            ErrorType::TLSHandshakeFailure
-            | ErrorType::TLSHandshakeTimedout
-            | ErrorType::InvalidCert => UpstreamFailure::Tls,
-            _ => UpstreamFailure::Refused,
-        };
-        (reason, e)
-    })?;
+    let (mut up, _reused) = connector
+        .get_http_session(peer)
+        .await
+        .map_err(connect_failed)?;
 
     let exchange = async {
         up.write_request_header(Box::new(request)).await?;
@@ -239,6 +233,18 @@ async fn handshake(
             ),
         )),
     }
+}
+
+/// Why connecting to the upstream failed, as counted, with the error.
+pub(crate) fn connect_failed(e: Box<Error>) -> (UpstreamFailure, Box<Error>) {
+    let reason = match e.etype() {
+        ErrorType::ConnectTimedout => UpstreamFailure::Timeout,
+        ErrorType::TLSHandshakeFailure
+        | ErrorType::TLSHandshakeTimedout
+        | ErrorType::InvalidCert => UpstreamFailure::Tls,
+        _ => UpstreamFailure::Refused,
+    };
+    (reason, e)
 }
 
 /// Relays an upstream's non-101 answer (headers and body) to the client.
@@ -347,14 +353,14 @@ pub async fn pump(client: &mut Stream, up: Upgraded, bounds: Bounds) -> End {
 }
 
 /// How long an upstream's non-101 answer may take to pass on, head and body.
-const REFUSAL_LIMIT: Duration = Duration::from_secs(30);
+pub(crate) const REFUSAL_LIMIT: Duration = Duration::from_secs(30);
 
 /// The most one read takes from a socket: a 16 KiB message and its frame
 /// header in one read, not two. It lives on the stack only while a
 /// direction is polled (uninitialised, so it costs nothing to set up).
 const SCRATCH: usize = 64 * 1024;
 /// How long closing both sides of an ended stream may take.
-const CLOSE_GRACE: Duration = Duration::from_secs(1);
+pub(crate) const CLOSE_GRACE: Duration = Duration::from_secs(1);
 /// Reads per direction in one wake-up before yielding to other tasks.
 const READS_PER_WAKE: usize = 16;
 

@@ -29,7 +29,7 @@ pub fn classify(req: &RequestHeader) -> Kind {
     classify_parts(&req.method, req.version, &req.headers)
 }
 
-fn classify_parts(method: &Method, version: Version, headers: &HeaderMap) -> Kind {
+pub(crate) fn classify_parts(method: &Method, version: Version, headers: &HeaderMap) -> Kind {
     if version != Version::HTTP_11 || !headers.contains_key(header::UPGRADE) {
         return Kind::Plain;
     }

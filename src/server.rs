@@ -11,7 +11,7 @@ use crate::upgrade::PreviousWatch;
 use anyhow::Context;
 use async_trait::async_trait;
 use pingora::connectors::http::v1::Connector;
-use pingora::connectors::ConnectorOptions;
+use pingora::connectors::{ConnectorOptions, TransportConnector};
 use pingora::listeners::tls::TlsSettings;
 use pingora::listeners::{ListenerConfig, TcpSocketOptions};
 use pingora::protocols::l4::stream::L4BufferSettings;
@@ -85,15 +85,15 @@ pub fn build(config: Config, options: RunOptions) -> anyhow::Result<(Server, Arc
     let mut server = Server::new_with_opt_and_conf(opt, conf);
 
     let gateway = Gateway::new(config.clone()).context("applying the config")?;
-    let connector = Connector::new(Some(ConnectorOptions::from_server_conf(
-        &server.configuration,
-    )));
+    let connect = ConnectorOptions::from_server_conf(&server.configuration);
+    let connector = Connector::new(Some(connect.clone()));
     let front = Front::new(
         pingora_proxy::http_proxy(
             &server.configuration,
             Proxy::new(gateway.clone(), connector),
         ),
         gateway.clone(),
+        TransportConnector::new(Some(connect)),
     );
     let mut proxy = Service::new("wsgate proxy".to_string(), front);
     let mut sock = TcpSocketOptions::default();

@@ -2,6 +2,9 @@
 //! every live upgraded socket, and behaves by request path:
 //!
 //! - `/status/{code}`: answers `code` with a short body (no upgrade);
+//! - `/refuse-chunked`, `/refuse-length`: answers 403 with a chunked body,
+//!   or 429 with a sized one, and keeps the connection open for another
+//!   request (so only the framing says where the answer ends);
 //! - `/close`: closes the connection without answering;
 //! - `/stall`: reads the request and never answers;
 //! - `/trickle`: answers 200 with a 1 MB body, sent a byte every 500 ms;
@@ -124,6 +127,19 @@ async fn serve(mut stream: TcpStream, counters: Arc<Counters>) {
             );
             let _ = stream.write_all(resp.as_bytes()).await;
             return;
+        }
+        let refusal = if path.starts_with("/refuse-chunked") {
+            Some("HTTP/1.1 403 Forbidden\r\ntransfer-encoding: chunked\r\nx-why: full\r\n\r\n4\r\nnope\r\n0\r\n\r\n")
+        } else if path.starts_with("/refuse-length") {
+            Some("HTTP/1.1 429 Too Many Requests\r\ncontent-length: 4\r\nx-why: slow\r\n\r\nnope")
+        } else {
+            None
+        };
+        if let Some(resp) = refusal {
+            if stream.write_all(resp.as_bytes()).await.is_err() {
+                return;
+            }
+            continue;
         }
         if path.starts_with("/close") {
             return;

@@ -1,0 +1,762 @@
+//! A connection's first request, when it is a WebSocket upgrade in its
+//! plainest form: read, routed, admitted and carried to its 101 by the
+//! front door on the raw connections, without Pingora's HTTP sessions.
+//!
+//! An upgrade is one exchange of heads, after which the connection is a
+//! byte relay. Pingora's server session, proxy pipeline, connection pool and
+//! client session cost more CPU per upgrade than everything wsgate itself
+//! does (docs/benchmarks.md); here the head is parsed once, in place, by the
+//! parser Pingora uses (`httparse`), and the upstream's answer head is
+//! passed on as it came.
+//!
+//! What is taken here is narrow on purpose: the first read must hold the
+//! whole head, and the head must be an HTTP/1.1 `GET` in origin form with
+//! one `Host`, no body framing and `Upgrade: websocket`, to a route that
+//! exists. Anything else, every malformed head included, is given back
+//! unread to Pingora, which answers it as it always has; so is every later
+//! request on a kept-alive connection. Both ways share admission, the
+//! upstream peer and the record of how a stream ended
+//! ([`stream`](crate::stream)).
+
+use crate::conn::Handoff;
+use crate::gateway::Gateway;
+use crate::metrics::UpstreamFailure;
+use crate::refusal;
+use crate::relay::{connect_failed, Bounds, End, Outcome, Upgraded, CLOSE_GRACE, REFUSAL_LIMIT};
+use crate::request::{self, Kind};
+use crate::route::normalize_path;
+use crate::stream;
+use bytes::{Buf, BytesMut};
+use http::header::{HeaderName, HeaderValue};
+use http::{HeaderMap, Method, Version};
+use pingora::connectors::TransportConnector;
+use pingora::http::ResponseHeader;
+use pingora::protocols::Stream;
+use pingora::{Error, ErrorType};
+use std::borrow::Cow;
+use std::io;
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::time::Instant as TokioInstant;
+
+/// The most of a head the first read takes. Browsers' upgrade heads are
+/// well under it; a larger one (many cookies) goes through Pingora.
+const FIRST_READ: usize = 4096;
+
+/// Headers a head taken here may carry; one with more goes through Pingora.
+const MAX_HEADERS: usize = 64;
+
+/// The largest upstream answer head read before the upgrade counts as
+/// failed.
+const MAX_ANSWER_HEAD: usize = 64 * 1024;
+
+/// What became of a connection's first request.
+pub enum First {
+    /// Not taken here: `read` holds what was read, for Pingora to read
+    /// first.
+    Declined { client: Stream, read: Vec<u8> },
+    /// Answered and closed here, or the client went away.
+    Done,
+    /// Upgraded: the stream is ready to be relayed.
+    Upgraded {
+        client: Stream,
+        handoff: Box<Handoff>,
+    },
+}
+
+/// Reads a new connection's first request and carries it if it is an
+/// upgrade this path takes. The read waits until `deadline` (the head's);
+/// a head not in by then is declined, and Pingora's head bound closes the
+/// connection as it would have.
+pub async fn first(
+    gateway: &Gateway,
+    transport: &TransportConnector,
+    mut client: Stream,
+    peer: Option<IpAddr>,
+    deadline: TokioInstant,
+    max_head: usize,
+) -> First {
+    let mut buf = [0u8; FIRST_READ];
+    let limit = FIRST_READ.min(max_head);
+    let n = match tokio::time::timeout_at(deadline, client.read(&mut buf[..limit])).await {
+        Ok(Ok(0) | Err(_)) => return First::Done,
+        Ok(Ok(n)) => n,
+        Err(_) => {
+            return First::Declined {
+                client,
+                read: Vec::new(),
+            }
+        }
+    };
+    let read = &buf[..n];
+    let decline = |client| First::Declined {
+        client,
+        read: read.to_vec(),
+    };
+
+    let (Some(peer), Some(head)) = (peer, Head::parse(read)) else {
+        return decline(client);
+    };
+    let snapshot = gateway.snapshot();
+    let Some(found) = snapshot.config.router.find(Some(head.host), &head.path) else {
+        return decline(client);
+    };
+    let live = &snapshot.routes[found.route];
+    let key = found.key.as_deref();
+
+    let admitted = match stream::admit(gateway, &snapshot, live, key, peer, &head.headers).await {
+        Ok(admitted) => admitted,
+        Err(scope) => {
+            let route = &live.route;
+            let wait = refusal::retry_after(route.retry_after, route.retry_after_jitter);
+            let (answer, body) = refusal::response(route.reject_status, wait, &route.name, scope);
+            let mut out = head_bytes(&answer);
+            out.extend_from_slice(&body);
+            answer_and_close(&mut client, &out).await;
+            return First::Done;
+        }
+    };
+
+    let route = &live.route;
+    let bounds = Bounds {
+        handshake_timeout: route.upstream.handshake_timeout,
+        idle_timeout: route.idle_timeout,
+        deadline: route.max_lifetime.map(|d| Instant::now() + d),
+    };
+    let request = head.upstream_request(route.upstream.host_header.as_deref());
+    let exchange = match stream::peer_for(live, &snapshot.config).await {
+        Ok(peer) => exchange(transport, &peer, &request, bounds.handshake_timeout).await,
+        // The name did not resolve: nothing was sent, so a refused connection.
+        Err(e) => Err((UpstreamFailure::Refused, e)),
+    };
+
+    let outcome = match exchange {
+        Ok(mut answer) if answer.status == 101 => {
+            let mut admitted = admitted;
+            if write_all(&mut client, &answer.buf[..answer.head_len])
+                .await
+                .is_err()
+            {
+                Outcome::Ended(End::ClientError)
+            } else {
+                admitted.upgraded(Instant::now());
+                answer.buf.advance(answer.head_len);
+                let handoff = Box::new(Handoff {
+                    upgraded: Upgraded {
+                        upstream: answer.upstream,
+                        to_upstream: read[head.len..].to_vec(),
+                        to_client: answer.buf.to_vec(),
+                    },
+                    bounds,
+                    admitted,
+                    route: route.name.clone(),
+                });
+                return First::Upgraded { client, handoff };
+            }
+        }
+        Ok(answer) => {
+            // Not upgraded: the slots go back before the answer is relayed.
+            drop(admitted);
+            let status = answer.status;
+            let pass_on = pass_on(&mut client, answer, bounds.handshake_timeout);
+            let _ = tokio::time::timeout(REFUSAL_LIMIT, pass_on).await;
+            close(&mut client).await;
+            Outcome::Failed {
+                reason: UpstreamFailure::Status,
+                answered: status,
+                error: None,
+            }
+        }
+        Err((reason, error)) => {
+            drop(admitted);
+            let answered = if reason == UpstreamFailure::Timeout {
+                504
+            } else {
+                502
+            };
+            answer_and_close(&mut client, error_answer(answered).as_bytes()).await;
+            Outcome::Failed {
+                reason,
+                answered,
+                error: Some(error),
+            }
+        }
+    };
+    stream::record(gateway, live, outcome);
+    First::Done
+}
+
+/// A request head this path takes, parsed in place.
+#[derive(Debug)]
+struct Head<'b> {
+    /// The head's length in bytes, blank line included.
+    len: usize,
+    /// The path as routed and counted: normalised, percent-encoding kept.
+    path: Cow<'b, str>,
+    query: Option<&'b str>,
+    host: &'b str,
+    /// The fields as they came, names in their own case, for the upstream.
+    fields: Vec<(&'b str, &'b [u8])>,
+    /// The same fields, for classification and client identity.
+    headers: HeaderMap,
+}
+
+impl<'b> Head<'b> {
+    /// Parses `read` if it holds a whole head of the kind taken here.
+    fn parse(read: &'b [u8]) -> Option<Self> {
+        let mut raw = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut req = httparse::Request::new(&mut raw);
+        let httparse::Status::Complete(len) = req.parse(read).ok()? else {
+            return None;
+        };
+        if req.method? != "GET" || req.version? != 1 {
+            return None;
+        }
+        // Origin form only: an absolute URI names its own authority, which
+        // Pingora checks against Host; those go its way.
+        let target = req.path?;
+        if !target.starts_with('/') {
+            return None;
+        }
+        let (path, query) = match target.split_once('?') {
+            Some((path, query)) => (path, Some(query)),
+            None => (target, None),
+        };
+
+        let mut fields = Vec::with_capacity(req.headers.len());
+        let mut headers = HeaderMap::with_capacity(req.headers.len());
+        for field in req.headers.iter() {
+            let name = HeaderName::from_bytes(field.name.as_bytes()).ok()?;
+            let value = HeaderValue::from_bytes(field.value).ok()?;
+            headers.append(name, value);
+            fields.push((field.name, field.value));
+        }
+        // Body framing of any kind, even a zero length, and a missing or
+        // repeated Host are Pingora's to judge.
+        let mut hosts = fields
+            .iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case("host"));
+        let host = std::str::from_utf8(hosts.next()?.1).ok()?;
+        if hosts.next().is_some()
+            || headers.contains_key(http::header::CONTENT_LENGTH)
+            || headers.contains_key(http::header::TRANSFER_ENCODING)
+        {
+            return None;
+        }
+        if request::classify_parts(&Method::GET, Version::HTTP_11, &headers) != Kind::Stream {
+            return None;
+        }
+
+        Some(Self {
+            len,
+            path: normalize_path(path),
+            query,
+            host,
+            fields,
+            headers,
+        })
+    }
+
+    /// The head sent upstream: the path as it was matched and counted, the
+    /// fields as they came, and the route's Host if it sets one.
+    fn upstream_request(&self, host_header: Option<&str>) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.len + 64);
+        out.extend_from_slice(b"GET ");
+        out.extend_from_slice(self.path.as_bytes());
+        if let Some(query) = self.query {
+            out.push(b'?');
+            out.extend_from_slice(query.as_bytes());
+        }
+        out.extend_from_slice(b" HTTP/1.1\r\n");
+        for (name, value) in &self.fields {
+            if host_header.is_some() && name.eq_ignore_ascii_case("host") {
+                continue;
+            }
+            field(&mut out, name, value);
+        }
+        if let Some(host) = host_header {
+            field(&mut out, "Host", host.as_bytes());
+        }
+        out.extend_from_slice(b"\r\n");
+        out
+    }
+}
+
+fn field(out: &mut Vec<u8>, name: &str, value: &[u8]) {
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// The upstream's final answer to the upgrade, interim answers skipped.
+struct Answer {
+    upstream: Stream,
+    status: u16,
+    /// The answer head, then whatever the upstream sent after it.
+    buf: BytesMut,
+    head_len: usize,
+}
+
+/// Connects to `peer`, sends `request` and reads the answer head, all
+/// within `timeout` once connected (connecting has its own bound).
+async fn exchange(
+    transport: &TransportConnector,
+    peer: &pingora::prelude::HttpPeer,
+    request: &[u8],
+    timeout: Duration,
+) -> Result<Answer, (UpstreamFailure, Box<Error>)> {
+    let mut upstream = transport.new_stream(peer).await.map_err(connect_failed)?;
+
+    let talk = async {
+        write_all(&mut upstream, request).await?;
+        let mut buf = BytesMut::with_capacity(1024);
+        loop {
+            if let Some((status, head_len)) = parse_answer(&buf)? {
+                // Interim answers (100 Continue, 103 Early Hints) come
+                // before the real one and mean nothing to a WebSocket
+                // client: skip them.
+                if matches!(status, 100 | 102..=199) {
+                    buf.advance(head_len);
+                    continue;
+                }
+                return Ok((status, head_len, buf));
+            }
+            if buf.len() >= MAX_ANSWER_HEAD {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "upstream answer head too large",
+                ));
+            }
+            if upstream.read_buf(&mut buf).await? == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "upstream closed before answering the upgrade",
+                ));
+            }
+        }
+    };
+    match tokio::time::timeout(timeout, talk).await {
+        Ok(Ok((status, head_len, buf))) => Ok(Answer {
+            upstream,
+            status,
+            buf,
+            head_len,
+        }),
+        Ok(Err(e)) => Err((
+            UpstreamFailure::Closed,
+            Error::because(ErrorType::ReadError, "upstream upgrade exchange", e),
+        )),
+        Err(_) => Err((
+            UpstreamFailure::Timeout,
+            Error::explain(
+                ErrorType::ReadTimedout,
+                "upstream did not answer the upgrade in time",
+            ),
+        )),
+    }
+}
+
+/// The status and head length of a complete answer head at the start of
+/// `buf`, `None` if it is not all there yet.
+fn parse_answer(buf: &[u8]) -> io::Result<Option<(u16, usize)>> {
+    let mut raw = [httparse::EMPTY_HEADER; 256];
+    let mut resp = httparse::Response::new(&mut raw);
+    match resp.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => Ok(resp.code.map(|code| (code, len))),
+        Ok(httparse::Status::Partial) => Ok(None),
+        Err(e) => Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("upstream answer: {e}"),
+        )),
+    }
+}
+
+/// How the body of an upstream's non-101 answer ends.
+#[derive(Debug, PartialEq, Eq)]
+enum Framing {
+    Empty,
+    Length(u64),
+    Chunked(Chunked),
+    UntilClose,
+}
+
+/// Relays an upstream's non-101 answer to the client, head and body, with
+/// `Connection: close`: the client's connection ends after it. Each read
+/// from the upstream is bounded by `read_timeout`.
+async fn pass_on(client: &mut Stream, answer: Answer, read_timeout: Duration) -> io::Result<()> {
+    let Answer {
+        mut upstream,
+        status,
+        mut buf,
+        head_len,
+    } = answer;
+    let (head, mut framing) = answer_head(&buf[..head_len], status)?;
+    buf.advance(head_len);
+    write_all(client, &head).await?;
+
+    loop {
+        let take = match &mut framing {
+            Framing::Empty => return Ok(()),
+            Framing::Length(left) => {
+                let take = buf.len().min(usize::try_from(*left).unwrap_or(usize::MAX));
+                *left -= take as u64;
+                take
+            }
+            Framing::Chunked(chunked) => chunked.feed(&buf)?,
+            Framing::UntilClose => buf.len(),
+        };
+        if take > 0 {
+            write_all(client, &buf[..take]).await?;
+        }
+        let done = match &framing {
+            Framing::Length(left) => *left == 0,
+            Framing::Chunked(chunked) => chunked.is_done(),
+            _ => false,
+        };
+        if done {
+            return Ok(());
+        }
+        // What a chunk line still lacks stays; the rest went out.
+        buf.advance(take);
+        if buf.len() > MAX_ANSWER_HEAD {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "upstream chunk line too long",
+            ));
+        }
+        let read = tokio::time::timeout(read_timeout, upstream.read_buf(&mut buf)).await;
+        match read {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return Ok(()),
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+/// The head passed on for a non-101 answer, and how its body ends: the
+/// upstream's status line and fields, less its own `Connection` and
+/// `Keep-Alive`, with `Connection: close`.
+fn answer_head(raw: &[u8], status: u16) -> io::Result<(Vec<u8>, Framing)> {
+    let mut fields = [httparse::EMPTY_HEADER; 256];
+    let mut resp = httparse::Response::new(&mut fields);
+    resp.parse(raw)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+
+    let mut framing = if matches!(status, 204 | 304) {
+        Framing::Empty
+    } else {
+        Framing::UntilClose
+    };
+    let mut out = Vec::with_capacity(raw.len() + 32);
+    out.extend_from_slice(
+        format!("HTTP/1.1 {status} {}\r\n", resp.reason.unwrap_or("")).as_bytes(),
+    );
+    for f in resp.headers.iter() {
+        let name = f.name;
+        if name.eq_ignore_ascii_case("connection") || name.eq_ignore_ascii_case("keep-alive") {
+            continue;
+        }
+        if framing != Framing::Empty {
+            if name.eq_ignore_ascii_case("transfer-encoding") {
+                // Chunked must be the last coding; otherwise the body runs
+                // to the close (RFC 9112, 6.3).
+                let last = f.value.rsplit(|b| *b == b',').next().unwrap_or(b"");
+                framing = if last.trim_ascii().eq_ignore_ascii_case(b"chunked") {
+                    Framing::Chunked(Chunked::default())
+                } else {
+                    Framing::UntilClose
+                };
+            } else if name.eq_ignore_ascii_case("content-length") {
+                if matches!(framing, Framing::Chunked(_)) {
+                    // Transfer-Encoding wins; the length is not passed on.
+                    continue;
+                }
+                match std::str::from_utf8(f.value)
+                    .ok()
+                    .and_then(|v| v.trim().parse().ok())
+                {
+                    Some(n) => framing = Framing::Length(n),
+                    // A length that cannot be read frames nothing.
+                    None => continue,
+                }
+            }
+        }
+        field(&mut out, name, f.value);
+    }
+    out.extend_from_slice(b"Connection: close\r\n\r\n");
+    Ok((out, framing))
+}
+
+/// Follows a chunked body's framing over the raw bytes, so the body can be
+/// passed on as it came and its end found.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Chunked {
+    state: ChunkState,
+}
+
+#[derive(Debug, Default, PartialEq, Eq)]
+enum ChunkState {
+    /// Expecting a chunk-size line.
+    #[default]
+    Size,
+    /// Inside a chunk's data, this much left.
+    Data(u64),
+    /// Expecting the CRLF after a chunk's data.
+    DataEnd,
+    /// After the last chunk: trailer lines until a blank one.
+    Trailer,
+    Done,
+}
+
+impl Chunked {
+    /// Follows `buf` as far as it can; returns how many bytes of it are
+    /// settled (to be passed on). The rest is an incomplete line.
+    fn feed(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let bad = |what| io::Error::new(io::ErrorKind::InvalidData, what);
+        let mut at = 0;
+        loop {
+            let rest = &buf[at..];
+            match self.state {
+                ChunkState::Done => return Ok(at),
+                ChunkState::Size => match httparse::parse_chunk_size(rest) {
+                    Ok(httparse::Status::Complete((used, 0))) => {
+                        at += used;
+                        self.state = ChunkState::Trailer;
+                    }
+                    Ok(httparse::Status::Complete((used, size))) => {
+                        at += used;
+                        self.state = ChunkState::Data(size);
+                    }
+                    Ok(httparse::Status::Partial) => return Ok(at),
+                    Err(_) => return Err(bad("bad chunk size in upstream answer")),
+                },
+                ChunkState::Data(left) => {
+                    if rest.is_empty() {
+                        return Ok(at);
+                    }
+                    let take = rest.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+                    at += take;
+                    let left = left - take as u64;
+                    self.state = if left == 0 {
+                        ChunkState::DataEnd
+                    } else {
+                        ChunkState::Data(left)
+                    };
+                }
+                ChunkState::DataEnd => {
+                    if rest.len() < 2 {
+                        return Ok(at);
+                    }
+                    if &rest[..2] != b"\r\n" {
+                        return Err(bad("chunk data not followed by CRLF in upstream answer"));
+                    }
+                    at += 2;
+                    self.state = ChunkState::Size;
+                }
+                ChunkState::Trailer => {
+                    let Some(eol) = rest.iter().position(|b| *b == b'\n') else {
+                        return Ok(at);
+                    };
+                    let line = &rest[..eol];
+                    at += eol + 1;
+                    if line.is_empty() || line == b"\r" {
+                        self.state = ChunkState::Done;
+                    }
+                }
+            }
+        }
+    }
+
+    fn is_done(&self) -> bool {
+        self.state == ChunkState::Done
+    }
+}
+
+/// A response head as bytes, for answers wsgate makes itself.
+fn head_bytes(head: &ResponseHeader) -> Vec<u8> {
+    let status = head.status;
+    let mut out = Vec::with_capacity(256);
+    out.extend_from_slice(
+        format!(
+            "HTTP/1.1 {} {}\r\n",
+            status.as_u16(),
+            status.canonical_reason().unwrap_or("")
+        )
+        .as_bytes(),
+    );
+    for (name, value) in head.headers.iter() {
+        field(&mut out, name.as_str(), value.as_bytes());
+    }
+    out.extend_from_slice(b"\r\n");
+    out
+}
+
+/// wsgate's own answer when the upstream failed the upgrade.
+fn error_answer(status: u16) -> String {
+    let reason = http::StatusCode::from_u16(status)
+        .ok()
+        .and_then(|s| s.canonical_reason())
+        .unwrap_or("");
+    format!(
+        "HTTP/1.1 {status} {reason}\r\nContent-Length: 0\r\n\
+         Cache-Control: private, no-store\r\nConnection: close\r\n\r\n"
+    )
+}
+
+async fn write_all(to: &mut Stream, bytes: &[u8]) -> io::Result<()> {
+    to.write_all(bytes).await?;
+    to.flush().await
+}
+
+/// Sends a whole answer and closes the connection in order.
+async fn answer_and_close(client: &mut Stream, answer: &[u8]) {
+    let send = write_all(client, answer);
+    if tokio::time::timeout(REFUSAL_LIMIT, send).await.is_ok() {
+        close(client).await;
+    }
+}
+
+async fn close(client: &mut Stream) {
+    let _ = tokio::time::timeout(CLOSE_GRACE, client.shutdown()).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const UPGRADE: &str = "GET /rooms/a%21/ws?x=1 HTTP/1.1\r\nHost: chat.example\r\n\
+        Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: abc\r\n\
+        Sec-WebSocket-Version: 13\r\n\r\n";
+
+    #[test]
+    fn a_plain_websocket_upgrade_is_taken_and_sent_on_as_it_came() {
+        let mut read = UPGRADE.as_bytes().to_vec();
+        read.extend_from_slice(b"\x81\x00");
+        let head = Head::parse(&read).expect("taken");
+        assert_eq!(head.len, UPGRADE.len());
+        assert_eq!(head.host, "chat.example");
+        assert_eq!(head.path, "/rooms/a%21/ws");
+        assert_eq!(head.upstream_request(None), UPGRADE.as_bytes());
+
+        let sent = head.upstream_request(Some("origin.internal"));
+        let sent = String::from_utf8(sent).unwrap();
+        assert!(sent.starts_with("GET /rooms/a%21/ws?x=1 HTTP/1.1\r\n"));
+        assert!(!sent.contains("chat.example"));
+        assert!(sent.ends_with("Host: origin.internal\r\n\r\n"));
+    }
+
+    #[test]
+    fn the_path_goes_upstream_as_it_was_counted() {
+        let read = UPGRADE.replace("/rooms/a%21/ws", "/rooms/./a%21//ws");
+        let head = Head::parse(read.as_bytes()).expect("taken");
+        let sent = String::from_utf8(head.upstream_request(None)).unwrap();
+        assert!(
+            sent.starts_with("GET /rooms/a%21/ws?x=1 HTTP/1.1\r\n"),
+            "{sent}"
+        );
+    }
+
+    #[test]
+    fn every_other_head_is_left_to_pingora() {
+        let cases = [
+            // Not all there yet.
+            UPGRADE.trim_end_matches("\r\n").to_string(),
+            UPGRADE.replace("GET", "POST"),
+            UPGRADE.replace("HTTP/1.1", "HTTP/1.0"),
+            UPGRADE.replace("GET /rooms", "GET http://chat.example/rooms"),
+            UPGRADE.replace("Host: chat.example\r\n", ""),
+            UPGRADE.replace("Host: chat.example\r\n", "Host: a\r\nHost: b\r\n"),
+            UPGRADE.replace("Upgrade: websocket", "Upgrade: h2c"),
+            UPGRADE.replace("Upgrade: websocket\r\n", ""),
+            UPGRADE.replace("\r\n\r\n", "\r\nContent-Length: 0\r\n\r\n"),
+            UPGRADE.replace("\r\n\r\n", "\r\nTransfer-Encoding: chunked\r\n\r\n"),
+            UPGRADE.replace("Host:", "Ho st:"),
+            "not http at all\r\n\r\n".to_string(),
+        ];
+        for read in cases {
+            assert!(Head::parse(read.as_bytes()).is_none(), "{read:?}");
+        }
+        let many: String = (0..MAX_HEADERS).map(|i| format!("X-{i}: y\r\n")).collect();
+        let read = UPGRADE.replace("\r\n\r\n", &format!("\r\n{many}\r\n"));
+        assert!(Head::parse(read.as_bytes()).is_none());
+    }
+
+    #[test]
+    fn interim_and_final_answers_are_told_apart() {
+        let (status, len) = parse_answer(b"HTTP/1.1 101 Switching Protocols\r\n\r\nxy")
+            .unwrap()
+            .unwrap();
+        assert_eq!((status, len), (101, 36));
+        assert!(parse_answer(b"HTTP/1.1 101 Switching").unwrap().is_none());
+        assert!(parse_answer(b"NOPE\r\n\r\n").is_err());
+    }
+
+    #[test]
+    fn a_refused_upgrades_answer_keeps_its_fields_and_closes() {
+        let raw = b"HTTP/1.1 403 Forbidden\r\nConnection: keep-alive\r\nKeep-Alive: t=5\r\n\
+            Content-Length: 4\r\nX-Why: no\r\n\r\n";
+        let (head, framing) = answer_head(raw, 403).unwrap();
+        assert_eq!(
+            String::from_utf8(head).unwrap(),
+            "HTTP/1.1 403 Forbidden\r\nContent-Length: 4\r\nX-Why: no\r\nConnection: close\r\n\r\n"
+        );
+        assert_eq!(framing, Framing::Length(4));
+
+        let raw =
+            b"HTTP/1.1 400 Bad\r\nTransfer-Encoding: gzip, chunked\r\nContent-Length: 9\r\n\r\n";
+        let (head, framing) = answer_head(raw, 400).unwrap();
+        assert!(!String::from_utf8(head).unwrap().contains("Content-Length"));
+        assert_eq!(framing, Framing::Chunked(Chunked::default()));
+
+        let raw = b"HTTP/1.1 400 Bad\r\nTransfer-Encoding: chunked, gzip\r\n\r\n";
+        assert_eq!(answer_head(raw, 400).unwrap().1, Framing::UntilClose);
+        let raw = b"HTTP/1.1 304 Not Modified\r\nContent-Length: 10\r\n\r\n";
+        assert_eq!(answer_head(raw, 304).unwrap().1, Framing::Empty);
+        let raw = b"HTTP/1.1 500 Oops\r\n\r\n";
+        assert_eq!(answer_head(raw, 500).unwrap().1, Framing::UntilClose);
+    }
+
+    #[test]
+    fn a_chunked_body_ends_where_its_framing_says_across_any_split() {
+        let body = b"4\r\nwiki\r\n5;ext=1\r\npedia\r\n0\r\nTrailer: x\r\n\r\n";
+        for split in 0..=body.len() {
+            let mut chunked = Chunked::default();
+            let mut pending = body[..split].to_vec();
+            let mut passed = 0;
+            let used = chunked.feed(&pending).unwrap();
+            passed += used;
+            pending.drain(..used);
+            pending.extend_from_slice(&body[split..]);
+            passed += chunked.feed(&pending).unwrap();
+            assert!(chunked.is_done(), "split at {split}");
+            assert_eq!(passed, body.len(), "split at {split}");
+        }
+
+        // Bytes after the end are not part of the answer.
+        let mut chunked = Chunked::default();
+        assert_eq!(chunked.feed(b"0\r\n\r\nextra").unwrap(), 5);
+        assert!(chunked.is_done());
+
+        assert!(Chunked::default().feed(b"zz\r\n").is_err());
+        assert!(Chunked::default().feed(b"1\r\nabc").is_err());
+    }
+
+    #[test]
+    fn wsgates_own_answers_are_whole_heads() {
+        let answer = error_answer(502);
+        assert!(answer.starts_with("HTTP/1.1 502 Bad Gateway\r\n"));
+        assert!(answer.ends_with("Connection: close\r\n\r\n"));
+
+        let (head, _) = refusal::response(
+            http::StatusCode::SERVICE_UNAVAILABLE,
+            Duration::from_secs(2),
+            "chat",
+            crate::admission::Scope::Route,
+        );
+        let bytes = String::from_utf8(head_bytes(&head)).unwrap();
+        assert!(bytes.starts_with("HTTP/1.1 503 Service Unavailable\r\n"));
+        assert!(bytes.contains("retry-after: 2\r\n"));
+        assert!(bytes.ends_with("\r\n\r\n"));
+    }
+}
