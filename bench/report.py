@@ -10,7 +10,7 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-TARGETS = ["direct", "wsgate", "pingora", "nginx", "haproxy"]
+TARGETS = ["direct", "wsgate", "wsgate_via_pingora", "pingora", "nginx", "haproxy"]
 
 # The figures the performance issue quotes (2 cores, loopback, ratios vs direct).
 REFERENCE = """| proxy | RSS per idle stream | upgrades/s vs direct | 64 B msgs/s vs direct | 16 KiB msgs/s vs direct |
@@ -162,6 +162,9 @@ run. Run parameters: `{args.params}`; the runs took {args.elapsed} s.
   are sent together and every admitted stream is held until all have their
   answer. Exact is 100 and 10 for every proxy; `direct` and `pingora` have
   no limit.
+- **wsgate_via_pingora**: wsgate with `server.own_handshake: false`, so
+  every upgrade goes through Pingora's HTTP proxy instead of the front
+  door's own handshake; otherwise the same binary and config.
 - **pingora**: `examples/bare_pingora.rs`, Pingora 0.9's HTTP proxy with its
   defaults, one upstream and nothing of wsgate's (no limits, no relay of its
   own): what Pingora itself costs, the floor wsgate started from.

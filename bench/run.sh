@@ -3,11 +3,13 @@
 # and writes the results table to docs/benchmarks.md.
 #
 # Targets, interleaved in every repeat: `direct` (the echo upstream itself),
-# `wsgate`, `pingora` (examples/bare_pingora.rs: Pingora 0.9 with its
-# defaults and no limits, to show what Pingora itself costs), `nginx`
-# (limit_conn) and `haproxy` (stick-table conn_cur). Every proxy but the bare
-# one gets the same limits: route /ws 10,000 streams and 10 per client,
-# route /burst 100 streams and 10 per client, 503 with Retry-After over them.
+# `wsgate`, `wsgate_via_pingora` (the same with `server.own_handshake:
+# false`, every upgrade through Pingora's HTTP proxy), `pingora`
+# (examples/bare_pingora.rs: Pingora 0.9 with its defaults and no limits, to
+# show what Pingora itself costs), `nginx` (limit_conn) and `haproxy`
+# (stick-table conn_cur). Every proxy but the bare one gets the same limits:
+# route /ws 10,000 streams and 10 per client, route /burst 100 streams and 10
+# per client, 503 with Retry-After over them.
 # Each proxy is started fresh for each repeat and stopped by its PID.
 #
 # Measured per target and repeat, with examples/wsload.rs:
@@ -74,8 +76,11 @@ BARE=$TARGET_DIR/release/examples/bare_pingora
 # --- configs -----------------------------------------------------------------
 UP=$(free_port)
 WG=$(free_port); WG_ADMIN=$(free_port); NG=$(free_port); HA=$(free_port); BP=$(free_port)
+WV=$(free_port); WV_ADMIN=$(free_port)
 
 write_wsgate_config "$WORK/wsgate.yaml" "$WG" "$WG_ADMIN" "$UP"
+write_wsgate_config "$WORK/via_pingora.yaml" "$WV" "$WV_ADMIN" "$UP" "  own_handshake: false
+"
 
 write_nginx_config "$WORK" "$NG" "$UP"
 
@@ -115,6 +120,7 @@ backend t_route_burst
 EOF
 
 "$WSGATE" check --config "$WORK/wsgate.yaml" >&2
+"$WSGATE" check --config "$WORK/via_pingora.yaml" >&2
 "$NGINX" -t -q -c "$WORK/nginx.conf" -p "$WORK/nginx" -e "$WORK/nginx/logs/error.log"
 "$HAPROXY" -c -q -f "$WORK/haproxy.cfg"
 
@@ -129,6 +135,9 @@ start_target() {
         direct) PORT=$UP; PID=""; PIDS=$UP_PID; return ;;
         wsgate) PORT=$WG
             WSGATE_LOG=warn "$WSGATE" --config "$WORK/wsgate.yaml" >>"$WORK/wsgate.log" 2>&1 &
+            PID=$! ;;
+        wsgate_via_pingora) PORT=$WV
+            WSGATE_LOG=warn "$WSGATE" --config "$WORK/via_pingora.yaml" >>"$WORK/via_pingora.log" 2>&1 &
             PID=$! ;;
         pingora) PORT=$BP
             "$BARE" "127.0.0.1:$BP" "127.0.0.1:$UP" 2 >>"$WORK/pingora.log" 2>&1 &
@@ -164,7 +173,7 @@ load() {
 # --- runs --------------------------------------------------------------------
 BEGAN=$(date +%s)
 for repeat in $(seq "$REPEATS"); do
-    for target in direct wsgate pingora nginx haproxy; do
+    for target in direct wsgate wsgate_via_pingora pingora nginx haproxy; do
         log "repeat $repeat/$REPEATS: $target"
         start_target "$target"
         url="ws://127.0.0.1:$PORT"

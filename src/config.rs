@@ -237,6 +237,7 @@ fn default_admin() -> String {
 struct ServerFile {
     threads: Option<usize>,
     work_stealing: Option<bool>,
+    own_handshake: Option<bool>,
     pid_file: Option<PathBuf>,
     upgrade_sock: Option<PathBuf>,
     grace_period: Option<Dur>,
@@ -494,6 +495,10 @@ pub struct ServerSettings {
     /// each thread runs its own, and a connection stays on the thread that
     /// took it for its whole life. Read at startup.
     pub work_stealing: bool,
+    /// Whether the front door carries a connection's first request itself
+    /// when it is a plain WebSocket upgrade (see `handshake`). Reloadable,
+    /// for new connections.
+    pub own_handshake: bool,
     pub pid_file: PathBuf,
     pub upgrade_sock: PathBuf,
     /// How long live streams may run on after SIGTERM.
@@ -867,6 +872,7 @@ impl Checker<'_> {
             after_upgrade: raw.after_upgrade,
             threads: raw.threads.unwrap_or(2).max(1),
             work_stealing: raw.work_stealing.unwrap_or(false),
+            own_handshake: raw.own_handshake.unwrap_or(true),
             pid_file: raw
                 .pid_file
                 .unwrap_or_else(|| PathBuf::from("/tmp/wsgate/wsgate.pid")),
@@ -1373,6 +1379,7 @@ routes:
         assert!(!r.upstream.tls);
         assert_eq!(c.server.tcp_keepalive, Some(DEFAULT_KEEPALIVE));
         assert!(!c.server.work_stealing, "each thread keeps its connections");
+        assert!(c.server.own_handshake);
         assert_eq!(c.client.ipv6_prefix, 64);
         let m = c.router.find(None, "/room/a/ws").unwrap();
         assert_eq!(m.key.as_deref(), Some("a"));

@@ -101,13 +101,17 @@ impl ServerApp for Front {
         let peer = peer_ip(&*stream);
         // The config is read once here and not kept: a connection may live
         // for hours, and must not pin an old config in memory after reloads.
-        let (capped, head) = {
+        let (capped, head, own_handshake) = {
             let snapshot = self.gateway.snapshot();
             let config = &snapshot.config;
             let capped = peer
                 .and_then(|ip| config.client.connection_key(ip))
                 .map(|key| (key, config.connections_per_client));
-            (capped, head_bounds(&config.server))
+            (
+                capped,
+                head_bounds(&config.server),
+                config.server.own_handshake,
+            )
         };
         let slot = match capped {
             None => None,
@@ -125,7 +129,7 @@ impl ServerApp for Front {
         // A first request that is a plain WebSocket upgrade is carried here;
         // anything else goes to Pingora with what was read put back.
         let accepted = TokioInstant::now();
-        let (stream, read) = if *shutdown.borrow() {
+        let (stream, read) = if *shutdown.borrow() || !own_handshake {
             (stream, Vec::new())
         } else {
             let deadline = accepted + head.0;

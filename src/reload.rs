@@ -286,5 +286,10 @@ mod tests {
         ] {
             assert_eq!(needs_restart(&running, &config(server)), field, "{server}");
         }
+        assert!(
+            !config("server:\n  own_handshake: false\n")
+                .server
+                .own_handshake
+        );
     }
 }

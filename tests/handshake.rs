@@ -129,8 +129,19 @@ async fn upgraded_and_echoes(s: &mut TcpStream) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_way_in_sends_the_same_head_and_is_counted_alike() {
+    every_way_alike("").await;
+}
+
+/// With `own_handshake: false` every way in is Pingora's, and nothing
+/// else changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_own_handshake_every_way_is_still_alike() {
+    every_way_alike("  own_handshake: false\n").await;
+}
+
+async fn every_way_alike(server_yaml: &str) {
     let up = Upstream::start().await;
-    let gw = Wsgate::start(&format!(
+    let gw = Wsgate::start_with_server(server_yaml, &format!(
         "routes:\n  - name: rooms\n    path: /room/{{room}}/ws\n    key: room\n{}    limits:\n      per_key: 1\n  - name: rest\n    prefix: /\n{}",
         upstream_yaml(up.addr),
         upstream_yaml(up.addr)
