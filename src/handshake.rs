@@ -7,16 +7,16 @@
 //! client session cost more CPU per upgrade than everything wsgate itself
 //! does (docs/benchmarks.md); here the head is parsed once, in place, by the
 //! parser Pingora uses (`httparse`), and the upstream's answer head is
-//! passed on as it came.
+//! passed on rebuilt from its fields, as Pingora would pass it.
 //!
 //! What is taken here is narrow on purpose: the first read must hold the
-//! whole head, and the head must be an HTTP/1.1 `GET` in origin form with
-//! one `Host`, no body framing and `Upgrade: websocket`, to a route that
-//! exists. Anything else, every malformed head included, is given back
-//! unread to Pingora, which answers it as it always has; so is every later
-//! request on a kept-alive connection. Both ways share admission, the
-//! upstream peer and the record of how a stream ended
-//! ([`stream`](crate::stream)).
+//! whole head, and the head must be an HTTP/1.1 `GET` with a valid
+//! origin-form target and no fragment, one plain `Host`, no body framing and
+//! `Upgrade: websocket`, to a route that exists. Anything else, every
+//! malformed head included, is given back unread to Pingora, which answers
+//! it as it always has; so is every later request on a kept-alive
+//! connection. Both ways share admission, the upstream peer and the record
+//! of how a stream ended ([`stream`](crate::stream)).
 
 use crate::conn::Handoff;
 use crate::gateway::Gateway;
@@ -48,8 +48,11 @@ const FIRST_READ: usize = 4096;
 const MAX_HEADERS: usize = 64;
 
 /// The largest upstream answer head read before the upgrade counts as
-/// failed.
-const MAX_ANSWER_HEAD: usize = 64 * 1024;
+/// failed: Pingora's own bound.
+const MAX_ANSWER_HEAD: usize = 1_048_575;
+
+/// Fields an upstream answer may carry.
+const MAX_ANSWER_FIELDS: usize = 256;
 
 /// What became of a connection's first request.
 pub enum First {
@@ -134,10 +137,8 @@ pub async fn first(
     let outcome = match exchange {
         Ok(mut answer) if answer.status == 101 => {
             let mut admitted = admitted;
-            if write_all(&mut client, &answer.buf[..answer.head_len])
-                .await
-                .is_err()
-            {
+            let (switch, _) = answer.head(false);
+            if write_all(&mut client, &switch).await.is_err() {
                 Outcome::Ended(End::ClientError)
             } else {
                 admitted.upgraded(Instant::now());
@@ -159,13 +160,30 @@ pub async fn first(
             // Not upgraded: the slots go back before the answer is relayed.
             drop(admitted);
             let status = answer.status;
-            let pass_on = pass_on(&mut client, answer, bounds.handshake_timeout);
-            let _ = tokio::time::timeout(REFUSAL_LIMIT, pass_on).await;
-            close(&mut client).await;
-            Outcome::Failed {
-                reason: UpstreamFailure::Status,
-                answered: status,
-                error: None,
+            match answer.head(true) {
+                (head, Ok(framing)) => {
+                    let pass_on = pass_on(&mut client, answer, head, framing, bounds);
+                    let _ = tokio::time::timeout(REFUSAL_LIMIT, pass_on).await;
+                    close(&mut client).await;
+                    Outcome::Failed {
+                        reason: UpstreamFailure::Status,
+                        answered: status,
+                        error: None,
+                    }
+                }
+                // Framing no client could rely on: as Pingora does, 502.
+                (_, Err(e)) => {
+                    answer_and_close(&mut client, error_answer(502).as_bytes()).await;
+                    Outcome::Failed {
+                        reason: UpstreamFailure::Closed,
+                        answered: 502,
+                        error: Some(Error::because(
+                            ErrorType::InvalidHTTPHeader,
+                            "upstream answer",
+                            e,
+                        )),
+                    }
+                }
             }
         }
         Err((reason, error)) => {
@@ -214,9 +232,14 @@ impl<'b> Head<'b> {
             return None;
         }
         // Origin form only: an absolute URI names its own authority, which
-        // Pingora checks against Host; those go its way.
+        // Pingora checks against Host; those go its way. So does a target
+        // that is not a valid URI path (Pingora answers 400) or that has a
+        // fragment (Pingora drops it before routing).
         let target = req.path?;
-        if !target.starts_with('/') {
+        if !target.starts_with('/')
+            || target.contains('#')
+            || http::uri::PathAndQuery::try_from(target).is_err()
+        {
             return None;
         }
         let (path, query) = match target.split_once('?') {
@@ -232,13 +255,17 @@ impl<'b> Head<'b> {
             headers.append(name, value);
             fields.push((field.name, field.value));
         }
-        // Body framing of any kind, even a zero length, and a missing or
-        // repeated Host are Pingora's to judge.
+        // Body framing of any kind, even a zero length, and a missing,
+        // repeated or unusual Host (userinfo, or bytes that are not visible
+        // ASCII) are Pingora's to judge.
         let mut hosts = fields
             .iter()
             .filter(|(n, _)| n.eq_ignore_ascii_case("host"));
-        let host = std::str::from_utf8(hosts.next()?.1).ok()?;
-        if hosts.next().is_some()
+        let host = hosts.next()?.1;
+        let visible = |b: &u8| *b == b'\t' || (0x20..0x7f).contains(b);
+        if !host.iter().all(visible)
+            || host.contains(&b'@')
+            || hosts.next().is_some()
             || headers.contains_key(http::header::CONTENT_LENGTH)
             || headers.contains_key(http::header::TRANSFER_ENCODING)
         {
@@ -252,7 +279,7 @@ impl<'b> Head<'b> {
             len,
             path: normalize_path(path),
             query,
-            host,
+            host: std::str::from_utf8(host).ok()?,
             fields,
             headers,
         })
@@ -270,13 +297,12 @@ impl<'b> Head<'b> {
         }
         out.extend_from_slice(b" HTTP/1.1\r\n");
         for (name, value) in &self.fields {
-            if host_header.is_some() && name.eq_ignore_ascii_case("host") {
-                continue;
+            match host_header {
+                Some(host) if name.eq_ignore_ascii_case("host") => {
+                    field(&mut out, name, host.as_bytes());
+                }
+                _ => field(&mut out, name, value),
             }
-            field(&mut out, name, value);
-        }
-        if let Some(host) = host_header {
-            field(&mut out, "Host", host.as_bytes());
         }
         out.extend_from_slice(b"\r\n");
         out
@@ -361,9 +387,9 @@ async fn exchange(
 /// The status and head length of a complete answer head at the start of
 /// `buf`, `None` if it is not all there yet.
 fn parse_answer(buf: &[u8]) -> io::Result<Option<(u16, usize)>> {
-    let mut raw = [httparse::EMPTY_HEADER; 256];
+    let mut raw = [httparse::EMPTY_HEADER; MAX_ANSWER_FIELDS];
     let mut resp = httparse::Response::new(&mut raw);
-    match resp.parse(buf) {
+    match answer_parser().parse_response(&mut resp, buf) {
         Ok(httparse::Status::Complete(len)) => Ok(resp.code.map(|code| (code, len))),
         Ok(httparse::Status::Partial) => Ok(None),
         Err(e) => Err(io::Error::new(
@@ -371,6 +397,17 @@ fn parse_answer(buf: &[u8]) -> io::Result<Option<(u16, usize)>> {
             format!("upstream answer: {e}"),
         )),
     }
+}
+
+/// How upstream answers are read: with the allowances Pingora's client
+/// makes (a space before a field's colon, folded fields), which the head
+/// passed on then no longer has.
+fn answer_parser() -> httparse::ParserConfig {
+    let mut config = httparse::ParserConfig::default();
+    config
+        .allow_spaces_after_header_name_in_responses(true)
+        .allow_obsolete_multiline_headers_in_responses(true);
+    config
 }
 
 /// How the body of an upstream's non-101 answer ends.
@@ -382,17 +419,129 @@ enum Framing {
     UntilClose,
 }
 
-/// Relays an upstream's non-101 answer to the client, head and body, with
-/// `Connection: close`: the client's connection ends after it. Each read
-/// from the upstream is bounded by `read_timeout`.
-async fn pass_on(client: &mut Stream, answer: Answer, read_timeout: Duration) -> io::Result<()> {
+impl Answer {
+    /// The answer head to pass on, and for a `closing` answer (any but a
+    /// 101) how its body ends. See [`answer_head`].
+    fn head(&self, closing: bool) -> (Vec<u8>, io::Result<Framing>) {
+        answer_head(&self.buf[..self.head_len], self.status, closing)
+    }
+}
+
+/// Rebuilds an answer head from its fields, as a proxy must pass it on: a
+/// folded field unfolded and nothing between a name and its colon (RFC
+/// 9112, 5.1-5.2). A `closing` answer loses the upstream's `Connection` and
+/// `Keep-Alive` and gains `Connection: close`, and its body's framing is
+/// read: `Transfer-Encoding` wins over `Content-Length` (which is then not
+/// passed on), and lengths that disagree or cannot be read are an error.
+fn answer_head(raw: &[u8], status: u16, closing: bool) -> (Vec<u8>, io::Result<Framing>) {
+    let mut fields = [httparse::EMPTY_HEADER; MAX_ANSWER_FIELDS];
+    let mut resp = httparse::Response::new(&mut fields);
+    if let Err(e) = answer_parser().parse_response(&mut resp, raw) {
+        return (
+            Vec::new(),
+            Err(io::Error::new(io::ErrorKind::InvalidData, e)),
+        );
+    }
+    let is = |f: &httparse::Header, name: &str| f.name.eq_ignore_ascii_case(name);
+
+    let coded = resp.headers.iter().any(|f| is(f, "transfer-encoding"));
+    let framing = if !closing || matches!(status, 204 | 304) {
+        Ok(Framing::Empty)
+    } else if coded {
+        // Chunked must be the last coding of the last field; otherwise the
+        // body runs to the close (RFC 9112, 6.3).
+        let last = resp
+            .headers
+            .iter()
+            .rev()
+            .find(|f| is(f, "transfer-encoding"))
+            .and_then(|f| f.value.rsplit(|b| *b == b',').next())
+            .unwrap_or(b"");
+        if last.trim_ascii().eq_ignore_ascii_case(b"chunked") {
+            Ok(Framing::Chunked(Chunked::default()))
+        } else {
+            Ok(Framing::UntilClose)
+        }
+    } else {
+        content_length(
+            resp.headers
+                .iter()
+                .filter(|f| is(f, "content-length"))
+                .map(|f| f.value),
+        )
+        .map(|n| n.map_or(Framing::UntilClose, Framing::Length))
+    };
+
+    let mut out = Vec::with_capacity(raw.len() + 32);
+    out.extend_from_slice(format!("HTTP/1.1 {status} ").as_bytes());
+    out.extend_from_slice(resp.reason.unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for f in resp.headers.iter() {
+        let hop = is(f, "connection") || is(f, "keep-alive");
+        if closing && (hop || (coded && is(f, "content-length"))) {
+            continue;
+        }
+        let value: Cow<[u8]> = if f.value.iter().any(|b| matches!(b, b'\r' | b'\n')) {
+            let unfolded = f
+                .value
+                .iter()
+                .map(|&b| if b == b'\r' || b == b'\n' { b' ' } else { b });
+            Cow::Owned(unfolded.collect())
+        } else {
+            Cow::Borrowed(f.value)
+        };
+        field(&mut out, f.name, &value);
+    }
+    if closing {
+        out.extend_from_slice(b"Connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    (out, framing)
+}
+
+/// The body length the `Content-Length` fields give, if any: every value
+/// (a field may list several, comma-separated) must be the same number.
+fn content_length<'a>(values: impl Iterator<Item = &'a [u8]>) -> io::Result<Option<u64>> {
+    let bad = || {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            "bad content-length in upstream answer",
+        )
+    };
+    let mut length = None;
+    for item in values.flat_map(|v| v.split(|b| *b == b',')) {
+        let item = item.trim_ascii();
+        if item.is_empty() || !item.iter().all(u8::is_ascii_digit) {
+            return Err(bad());
+        }
+        let n: u64 = std::str::from_utf8(item)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(bad)?;
+        if length.is_some_and(|l| l != n) {
+            return Err(bad());
+        }
+        length = Some(n);
+    }
+    Ok(length)
+}
+
+/// Relays an upstream's non-101 answer to the client, `head` then its body
+/// as `framing` bounds it; the client's connection ends after it. Each read
+/// from the upstream is bounded by the handshake timeout.
+async fn pass_on(
+    client: &mut Stream,
+    answer: Answer,
+    head: Vec<u8>,
+    mut framing: Framing,
+    bounds: Bounds,
+) -> io::Result<()> {
     let Answer {
         mut upstream,
-        status,
         mut buf,
         head_len,
+        ..
     } = answer;
-    let (head, mut framing) = answer_head(&buf[..head_len], status)?;
     buf.advance(head_len);
     write_all(client, &head).await?;
 
@@ -404,7 +553,7 @@ async fn pass_on(client: &mut Stream, answer: Answer, read_timeout: Duration) ->
                 *left -= take as u64;
                 take
             }
-            Framing::Chunked(chunked) => chunked.feed(&buf)?,
+            Framing::Chunked(chunked) => chunked.feed(&buf),
             Framing::UntilClose => buf.len(),
         };
         if take > 0 {
@@ -412,6 +561,13 @@ async fn pass_on(client: &mut Stream, answer: Answer, read_timeout: Duration) ->
         }
         let done = match &framing {
             Framing::Length(left) => *left == 0,
+            Framing::Chunked(chunked) if chunked.is_bad() => {
+                // What was whole went out; the client sees the body cut.
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "bad chunked framing in upstream answer",
+                ));
+            }
             Framing::Chunked(chunked) => chunked.is_done(),
             _ => false,
         };
@@ -426,66 +582,12 @@ async fn pass_on(client: &mut Stream, answer: Answer, read_timeout: Duration) ->
                 "upstream chunk line too long",
             ));
         }
-        let read = tokio::time::timeout(read_timeout, upstream.read_buf(&mut buf)).await;
-        match read {
+        let read = upstream.read_buf(&mut buf);
+        match tokio::time::timeout(bounds.handshake_timeout, read).await {
             Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return Ok(()),
             Ok(Ok(_)) => {}
         }
     }
-}
-
-/// The head passed on for a non-101 answer, and how its body ends: the
-/// upstream's status line and fields, less its own `Connection` and
-/// `Keep-Alive`, with `Connection: close`.
-fn answer_head(raw: &[u8], status: u16) -> io::Result<(Vec<u8>, Framing)> {
-    let mut fields = [httparse::EMPTY_HEADER; 256];
-    let mut resp = httparse::Response::new(&mut fields);
-    resp.parse(raw)
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-
-    let mut framing = if matches!(status, 204 | 304) {
-        Framing::Empty
-    } else {
-        Framing::UntilClose
-    };
-    let mut out = Vec::with_capacity(raw.len() + 32);
-    out.extend_from_slice(
-        format!("HTTP/1.1 {status} {}\r\n", resp.reason.unwrap_or("")).as_bytes(),
-    );
-    for f in resp.headers.iter() {
-        let name = f.name;
-        if name.eq_ignore_ascii_case("connection") || name.eq_ignore_ascii_case("keep-alive") {
-            continue;
-        }
-        if framing != Framing::Empty {
-            if name.eq_ignore_ascii_case("transfer-encoding") {
-                // Chunked must be the last coding; otherwise the body runs
-                // to the close (RFC 9112, 6.3).
-                let last = f.value.rsplit(|b| *b == b',').next().unwrap_or(b"");
-                framing = if last.trim_ascii().eq_ignore_ascii_case(b"chunked") {
-                    Framing::Chunked(Chunked::default())
-                } else {
-                    Framing::UntilClose
-                };
-            } else if name.eq_ignore_ascii_case("content-length") {
-                if matches!(framing, Framing::Chunked(_)) {
-                    // Transfer-Encoding wins; the length is not passed on.
-                    continue;
-                }
-                match std::str::from_utf8(f.value)
-                    .ok()
-                    .and_then(|v| v.trim().parse().ok())
-                {
-                    Some(n) => framing = Framing::Length(n),
-                    // A length that cannot be read frames nothing.
-                    None => continue,
-                }
-            }
-        }
-        field(&mut out, name, f.value);
-    }
-    out.extend_from_slice(b"Connection: close\r\n\r\n");
-    Ok((out, framing))
 }
 
 /// Follows a chunked body's framing over the raw bytes, so the body can be
@@ -507,18 +609,20 @@ enum ChunkState {
     /// After the last chunk: trailer lines until a blank one.
     Trailer,
     Done,
+    /// The framing broke; nothing after it is passed on.
+    Bad,
 }
 
 impl Chunked {
     /// Follows `buf` as far as it can; returns how many bytes of it are
-    /// settled (to be passed on). The rest is an incomplete line.
-    fn feed(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let bad = |what| io::Error::new(io::ErrorKind::InvalidData, what);
+    /// settled (to be passed on). The rest is an incomplete line, or what
+    /// follows a break in the framing (see [`is_bad`](Self::is_bad)).
+    fn feed(&mut self, buf: &[u8]) -> usize {
         let mut at = 0;
         loop {
             let rest = &buf[at..];
             match self.state {
-                ChunkState::Done => return Ok(at),
+                ChunkState::Done | ChunkState::Bad => return at,
                 ChunkState::Size => match httparse::parse_chunk_size(rest) {
                     Ok(httparse::Status::Complete((used, 0))) => {
                         at += used;
@@ -528,12 +632,12 @@ impl Chunked {
                         at += used;
                         self.state = ChunkState::Data(size);
                     }
-                    Ok(httparse::Status::Partial) => return Ok(at),
-                    Err(_) => return Err(bad("bad chunk size in upstream answer")),
+                    Ok(httparse::Status::Partial) => return at,
+                    Err(_) => self.state = ChunkState::Bad,
                 },
                 ChunkState::Data(left) => {
                     if rest.is_empty() {
-                        return Ok(at);
+                        return at;
                     }
                     let take = rest.len().min(usize::try_from(left).unwrap_or(usize::MAX));
                     at += take;
@@ -546,17 +650,18 @@ impl Chunked {
                 }
                 ChunkState::DataEnd => {
                     if rest.len() < 2 {
-                        return Ok(at);
+                        return at;
                     }
-                    if &rest[..2] != b"\r\n" {
-                        return Err(bad("chunk data not followed by CRLF in upstream answer"));
+                    if &rest[..2] == b"\r\n" {
+                        at += 2;
+                        self.state = ChunkState::Size;
+                    } else {
+                        self.state = ChunkState::Bad;
                     }
-                    at += 2;
-                    self.state = ChunkState::Size;
                 }
                 ChunkState::Trailer => {
                     let Some(eol) = rest.iter().position(|b| *b == b'\n') else {
-                        return Ok(at);
+                        return at;
                     };
                     let line = &rest[..eol];
                     at += eol + 1;
@@ -570,6 +675,10 @@ impl Chunked {
 
     fn is_done(&self) -> bool {
         self.state == ChunkState::Done
+    }
+
+    fn is_bad(&self) -> bool {
+        self.state == ChunkState::Bad
     }
 }
 
@@ -642,8 +751,10 @@ mod tests {
         let sent = head.upstream_request(Some("origin.internal"));
         let sent = String::from_utf8(sent).unwrap();
         assert!(sent.starts_with("GET /rooms/a%21/ws?x=1 HTTP/1.1\r\n"));
-        assert!(!sent.contains("chat.example"));
-        assert!(sent.ends_with("Host: origin.internal\r\n\r\n"));
+        assert_eq!(
+            sent,
+            UPGRADE.replace("Host: chat.example", "Host: origin.internal")
+        );
     }
 
     #[test]
@@ -672,6 +783,12 @@ mod tests {
             UPGRADE.replace("\r\n\r\n", "\r\nContent-Length: 0\r\n\r\n"),
             UPGRADE.replace("\r\n\r\n", "\r\nTransfer-Encoding: chunked\r\n\r\n"),
             UPGRADE.replace("Host:", "Ho st:"),
+            UPGRADE.replace("chat.example", "user@chat.example"),
+            UPGRADE.replace("chat.example", "ééé.example"),
+            UPGRADE.replace("?x=1", "#frag"),
+            UPGRADE.replace("?x=1", "?x=1#frag"),
+            UPGRADE.replace("/ws?", "/<ws>?"),
+            UPGRADE.replace("/ws?", "/w`s?"),
             "not http at all\r\n\r\n".to_string(),
         ];
         for read in cases {
@@ -694,27 +811,58 @@ mod tests {
 
     #[test]
     fn a_refused_upgrades_answer_keeps_its_fields_and_closes() {
+        let head = |raw: &[u8], status| {
+            let (head, framing) = answer_head(raw, status, true);
+            (String::from_utf8(head).unwrap(), framing.ok())
+        };
         let raw = b"HTTP/1.1 403 Forbidden\r\nConnection: keep-alive\r\nKeep-Alive: t=5\r\n\
             Content-Length: 4\r\nX-Why: no\r\n\r\n";
-        let (head, framing) = answer_head(raw, 403).unwrap();
+        assert_eq!(
+            head(raw, 403),
+            (
+                "HTTP/1.1 403 Forbidden\r\nContent-Length: 4\r\nX-Why: no\r\nConnection: close\r\n\r\n"
+                    .to_string(),
+                Some(Framing::Length(4))
+            )
+        );
+
+        // Transfer-Encoding wins wherever it stands; the length is dropped.
+        for raw in [
+            &b"HTTP/1.1 400 Bad\r\nTransfer-Encoding: gzip, chunked\r\nContent-Length: 9\r\n\r\n"[..],
+            b"HTTP/1.1 400 Bad\r\nContent-Length: 9\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+        ] {
+            let (text, framing) = head(raw, 400);
+            assert!(!text.contains("Content-Length"), "{text}");
+            assert_eq!(framing, Some(Framing::Chunked(Chunked::default())));
+        }
+        let raw = b"HTTP/1.1 400 Bad\r\nTransfer-Encoding: chunked, gzip\r\n\r\n";
+        assert_eq!(head(raw, 400).1, Some(Framing::UntilClose));
+        let raw = b"HTTP/1.1 304 Not Modified\r\nContent-Length: 10\r\n\r\n";
+        assert_eq!(head(raw, 304).1, Some(Framing::Empty));
+        let raw = b"HTTP/1.1 500 Oops\r\n\r\n";
+        assert_eq!(head(raw, 500).1, Some(Framing::UntilClose));
+        let raw = b"HTTP/1.1 500 Oops\r\nContent-Length: 3, 3\r\nContent-Length: 3\r\n\r\n";
+        assert_eq!(head(raw, 500).1, Some(Framing::Length(3)));
+
+        // Lengths no client could rely on.
+        for cl in ["5\r\nContent-Length: 7", "+5", "5, 6", "", "five", "-1"] {
+            let raw = format!("HTTP/1.1 403 No\r\nContent-Length: {cl}\r\n\r\n");
+            assert_eq!(head(raw.as_bytes(), 403).1, None, "{cl}");
+        }
+    }
+
+    #[test]
+    fn a_switch_is_passed_on_with_its_fields_unfolded() {
+        let raw = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
+            Connection: Upgrade\r\nX-Foo : bar\r\nX-Long: a\r\n b\r\n\r\n";
+        let (status, len) = parse_answer(raw).unwrap().unwrap();
+        assert_eq!((status, len), (101, raw.len()));
+        let (head, _) = answer_head(raw, 101, false);
         assert_eq!(
             String::from_utf8(head).unwrap(),
-            "HTTP/1.1 403 Forbidden\r\nContent-Length: 4\r\nX-Why: no\r\nConnection: close\r\n\r\n"
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
+             Connection: Upgrade\r\nX-Foo: bar\r\nX-Long: a   b\r\n\r\n"
         );
-        assert_eq!(framing, Framing::Length(4));
-
-        let raw =
-            b"HTTP/1.1 400 Bad\r\nTransfer-Encoding: gzip, chunked\r\nContent-Length: 9\r\n\r\n";
-        let (head, framing) = answer_head(raw, 400).unwrap();
-        assert!(!String::from_utf8(head).unwrap().contains("Content-Length"));
-        assert_eq!(framing, Framing::Chunked(Chunked::default()));
-
-        let raw = b"HTTP/1.1 400 Bad\r\nTransfer-Encoding: chunked, gzip\r\n\r\n";
-        assert_eq!(answer_head(raw, 400).unwrap().1, Framing::UntilClose);
-        let raw = b"HTTP/1.1 304 Not Modified\r\nContent-Length: 10\r\n\r\n";
-        assert_eq!(answer_head(raw, 304).unwrap().1, Framing::Empty);
-        let raw = b"HTTP/1.1 500 Oops\r\n\r\n";
-        assert_eq!(answer_head(raw, 500).unwrap().1, Framing::UntilClose);
     }
 
     #[test]
@@ -724,22 +872,31 @@ mod tests {
             let mut chunked = Chunked::default();
             let mut pending = body[..split].to_vec();
             let mut passed = 0;
-            let used = chunked.feed(&pending).unwrap();
+            let used = chunked.feed(&pending);
             passed += used;
             pending.drain(..used);
             pending.extend_from_slice(&body[split..]);
-            passed += chunked.feed(&pending).unwrap();
+            passed += chunked.feed(&pending);
             assert!(chunked.is_done(), "split at {split}");
             assert_eq!(passed, body.len(), "split at {split}");
         }
 
         // Bytes after the end are not part of the answer.
         let mut chunked = Chunked::default();
-        assert_eq!(chunked.feed(b"0\r\n\r\nextra").unwrap(), 5);
+        assert_eq!(chunked.feed(b"0\r\n\r\nextra"), 5);
         assert!(chunked.is_done());
 
-        assert!(Chunked::default().feed(b"zz\r\n").is_err());
-        assert!(Chunked::default().feed(b"1\r\nabc").is_err());
+        // A break keeps what was whole before it, and passes nothing after.
+        for (bytes, settled) in [
+            (&b"zz\r\n"[..], 0),
+            (b"1\r\nabc", 4),
+            (b"4\r\nwiki\r\nzz\r\n4\r\nmore\r\n", 9),
+        ] {
+            let mut chunked = Chunked::default();
+            assert_eq!(chunked.feed(bytes), settled, "{bytes:?}");
+            assert!(chunked.is_bad() && !chunked.is_done());
+            assert_eq!(chunked.feed(b"0\r\n\r\n"), 0);
+        }
     }
 
     #[test]

@@ -190,14 +190,17 @@ fn strip_port(host: &str) -> &str {
 }
 
 fn host_matches(want: &str, host: &str) -> bool {
-    let host = host.trim_end_matches('.');
+    // Compared as bytes: a host is not always ASCII, and a suffix's length
+    // need not fall on one of its character boundaries.
+    let host = host.trim_end_matches('.').as_bytes();
     match want.strip_prefix("*.") {
         Some(suffix) => {
+            let suffix = suffix.as_bytes();
             host.len() > suffix.len() + 1
                 && host[host.len() - suffix.len()..].eq_ignore_ascii_case(suffix)
-                && host.as_bytes()[host.len() - suffix.len() - 1] == b'.'
+                && host[host.len() - suffix.len() - 1] == b'.'
         }
-        None => host.eq_ignore_ascii_case(want),
+        None => host.eq_ignore_ascii_case(want.as_bytes()),
     }
 }
 
@@ -391,6 +394,11 @@ mod tests {
         assert_eq!(m(Some("other.example.com"), "/registry").unwrap().route, 2);
         assert_eq!(m(Some("example.com"), "/registryx"), None);
         assert_eq!(m(None, "/registry"), None);
+        // Not ASCII: no match and no panic, whatever the byte lengths.
+        for host in ["\u{e9}\u{e9}\u{e9}\u{e9}\u{e9}\u{e9}\u{e9}", "x\u{e9}"] {
+            assert_eq!(m(Some(host), "/registry"), None, "{host}");
+        }
+        assert_eq!(m(Some("\u{e9}.example.com"), "/registry").unwrap().route, 2);
 
         let room = m(None, "/room/lobby/ws").unwrap();
         assert_eq!((room.route, room.key.as_deref()), (1, Some("lobby")));
