@@ -343,10 +343,17 @@ pub async fn pump(client: &mut Stream, up: Upgraded, bounds: Bounds) -> End {
     })
     .await;
 
-    // Close both sides in an orderly way (FIN, or TLS close_notify), briefly.
+    // Close both sides in an orderly way, briefly. A TLS side needs its
+    // close_notify sent first; a TCP socket sends its FIN when it is closed,
+    // so shutting it down first would only cost a system call.
     let close = async {
-        let _ = client.shutdown().await;
-        let _ = upstream.shutdown().await;
+        for side in [client, &mut upstream] {
+            if side.get_ssl().is_some() {
+                let _ = side.shutdown().await;
+            } else {
+                let _ = side.flush().await;
+            }
+        }
     };
     let _ = tokio::time::timeout(CLOSE_GRACE, close).await;
     end
