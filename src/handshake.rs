@@ -390,7 +390,27 @@ fn parse_answer(buf: &[u8]) -> io::Result<Option<(u16, usize)>> {
     let mut raw = [httparse::EMPTY_HEADER; MAX_ANSWER_FIELDS];
     let mut resp = httparse::Response::new(&mut raw);
     match answer_parser().parse_response(&mut resp, buf) {
-        Ok(httparse::Status::Complete(len)) => Ok(resp.code.map(|code| (code, len))),
+        Ok(httparse::Status::Complete(len)) => {
+            // As Pingora's client: a status under 100, a switch over
+            // HTTP/1.0 (which cannot switch), or lengths no reader could
+            // rely on, on any answer, fail the upgrade.
+            let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, what.to_string());
+            let code = resp
+                .code
+                .ok_or_else(|| bad("upstream answer without a status"))?;
+            if code < 100 {
+                return Err(bad("upstream answer status under 100"));
+            }
+            if code == 101 && resp.version != Some(1) {
+                return Err(bad("upstream answered 101 without upgrading"));
+            }
+            let lengths = resp
+                .headers
+                .iter()
+                .filter(|f| f.name.eq_ignore_ascii_case("content-length"));
+            content_length(lengths.map(|f| f.value))?;
+            Ok(Some((code, len)))
+        }
         Ok(httparse::Status::Partial) => Ok(None),
         Err(e) => Err(io::Error::new(
             io::ErrorKind::InvalidData,
@@ -806,7 +826,20 @@ mod tests {
             .unwrap();
         assert_eq!((status, len), (101, 36));
         assert!(parse_answer(b"HTTP/1.1 101 Switching").unwrap().is_none());
-        assert!(parse_answer(b"NOPE\r\n\r\n").is_err());
+        for bad in [
+            &b"NOPE\r\n\r\n"[..],
+            b"HTTP/1.1 099 Weird\r\n\r\n",
+            b"HTTP/1.0 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n",
+            b"HTTP/1.1 101 Switching Protocols\r\nContent-Length: abc\r\n\r\n",
+            b"HTTP/1.1 204 No Content\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+            b"HTTP/1.1 103 Early Hints\r\nContent-Length: +1\r\n\r\n",
+        ] {
+            assert!(
+                parse_answer(bad).is_err(),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
     }
 
     #[test]

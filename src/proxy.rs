@@ -142,6 +142,21 @@ impl ProxyHttp for Proxy {
         Ok(())
     }
 
+    /// Plain requests only (streams never reach Pingora's pipeline): a 101
+    /// here would be a tunnel nobody counted, so it is a bad answer (502).
+    async fn upstream_response_filter(
+        &self,
+        _session: &mut Session,
+        upstream: &mut ResponseHeader,
+        _ctx: &mut Ctx,
+    ) -> Result<()> {
+        if upstream.status == http::StatusCode::SWITCHING_PROTOCOLS {
+            let why = "upstream switched protocols on a request that was not an upgrade";
+            return Err(Error::explain(ErrorType::InvalidHTTPHeader, why).into_up());
+        }
+        Ok(())
+    }
+
     async fn logging(&self, _session: &mut Session, _e: Option<&Error>, ctx: &mut Ctx) {
         // Not reached when Pingora shuts down with streams live; the context
         // is dropped then, and with it the permit.

@@ -149,7 +149,21 @@ pub async fn run(
             error: None,
         };
     };
-    if head.status != http::StatusCode::SWITCHING_PROTOCOLS || !upstream.was_upgraded() {
+    if head.status == http::StatusCode::SWITCHING_PROTOCOLS && !upstream.was_upgraded() {
+        // A switch the connection cannot make (an HTTP/1.0 101): passed on,
+        // it would leave the client waiting on a stream that never comes.
+        on_phase(Phase::NotUpgraded);
+        respond_error(session, 502).await;
+        return Outcome::Failed {
+            reason: UpstreamFailure::Closed,
+            answered: 502,
+            error: Some(Error::explain(
+                ErrorType::InvalidHTTPHeader,
+                "upstream answered 101 without upgrading",
+            )),
+        };
+    }
+    if head.status != http::StatusCode::SWITCHING_PROTOCOLS {
         on_phase(Phase::NotUpgraded);
         let answered = head.status.as_u16();
         // The peer has no read timeout (the handshake is bounded as a whole),
@@ -262,13 +276,26 @@ async fn pass_on_refusal(
     {
         return;
     }
-    while let Ok(Some(chunk)) = upstream.read_body_bytes().await {
-        if session
-            .write_response_body(Some(chunk), false)
-            .await
-            .is_err()
-        {
-            return;
+    loop {
+        match upstream.read_body_bytes().await {
+            Ok(Some(chunk)) => {
+                if session
+                    .write_response_body(Some(chunk), false)
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+            Ok(None) => break,
+            Err(_) => {
+                // The answer broke off. What came whole goes out, and the
+                // connection closes before Pingora could end the body, so a
+                // cut answer cannot pass for a whole one.
+                let close = session.as_downstream_mut().shutdown();
+                let _ = tokio::time::timeout(CLOSE_GRACE, close).await;
+                return;
+            }
         }
     }
     let _ = session.write_response_body(None, true).await;

@@ -18,8 +18,9 @@ pub enum Kind {
     /// A missing `upgrade` token in `Connection` does not exempt it, since
     /// Pingora would still tunnel it.
     Stream,
-    /// An HTTP/1.1 upgrade to anything else (e.g. `h2c`): the `Upgrade`
-    /// header is removed and the request proxied as plain HTTP.
+    /// An HTTP/1.1 upgrade to anything else (e.g. `h2c`), or any `Upgrade`
+    /// header on HTTP/1.0, which cannot upgrade: the `Upgrade` header is
+    /// removed and the request proxied as plain HTTP.
     OtherUpgrade,
     /// A WebSocket upgrade in a form wsgate will not carry: answered 400.
     BadUpgrade(&'static str),
@@ -30,8 +31,13 @@ pub fn classify(req: &RequestHeader) -> Kind {
 }
 
 pub(crate) fn classify_parts(method: &Method, version: Version, headers: &HeaderMap) -> Kind {
-    if version != Version::HTTP_11 || !headers.contains_key(header::UPGRADE) {
+    if !headers.contains_key(header::UPGRADE) {
         return Kind::Plain;
+    }
+    // Pingora sends HTTP/1.0 requests upstream as HTTP/1.1, where the
+    // header would ask for a switch the client cannot take.
+    if version != Version::HTTP_11 {
+        return Kind::OtherUpgrade;
     }
     let websocket = headers
         .get_all(header::UPGRADE)
@@ -107,8 +113,9 @@ mod tests {
         );
         assert_eq!(
             kind(Version::HTTP_10, &[("upgrade", "websocket")]),
-            Kind::Plain
+            Kind::OtherUpgrade
         );
+        assert_eq!(kind(Version::HTTP_10, &[]), Kind::Plain);
         assert_eq!(
             kind(
                 Version::HTTP_11,

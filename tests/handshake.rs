@@ -238,15 +238,46 @@ async fn an_upstream_refusal_is_passed_on_whole_and_the_client_is_let_go() {
             "{way:?}: {text}"
         );
         assert!(text.ends_with("\r\n\r\nnope"), "{way:?}: {text:?}");
+
+        // A body that breaks off is cut, never ended as if whole.
+        let mut s = send(&gw, "/refuse-broken", way).await;
+        let text = read_to_close(&mut s).await;
+        assert!(
+            text.starts_with("HTTP/1.1 403 Forbidden\r\n"),
+            "{way:?}: {text}"
+        );
+        assert!(text.ends_with("4\r\nwiki\r\n"), "{way:?}: {text:?}");
+
+        // A 101 over HTTP/1.0 switches nothing: 502, not a stream that never
+        // comes.
+        let mut s = send(&gw, "/old-switch", way).await;
+        let text = read_to_close(&mut s).await;
+        assert!(text.starts_with("HTTP/1.1 502 "), "{way:?}: {text}");
     }
+
+    // A plain request never becomes a tunnel, whatever the upstream
+    // answers: one without Upgrade asked for none, and HTTP/1.0 cannot
+    // switch (its Upgrade header does not go upstream).
+    for req in [
+        "GET /switch-always HTTP/1.1\r\nHost: t\r\n\r\n".to_string(),
+        format!("GET /switch-always HTTP/1.0\r\nHost: t\r\n{WS}\r\n"),
+    ] {
+        let mut s = TcpStream::connect(gw.addr).await.unwrap();
+        s.write_all(req.as_bytes()).await.unwrap();
+        let text = read_to_close(&mut s).await;
+        assert!(text.starts_with("HTTP/1.1 502 "), "{req}: {text}");
+    }
+    let asked = up.heads().last().unwrap().to_ascii_lowercase();
+    assert!(!asked.contains("upgrade:"), "{asked}");
 
     gw.wait_active("ws", 0).await;
     let m = gw.metrics().await;
-    assert_eq!(
+    let failed = |reason| {
         m.get(
             "wsgate_upstream_upgrade_failures_total",
-            &[("route", "ws"), ("reason", "status")]
-        ),
-        6.0
-    );
+            &[("route", "ws"), ("reason", reason)],
+        )
+    };
+    assert_eq!(failed("status"), 9.0);
+    assert_eq!(failed("closed"), 3.0);
 }

@@ -149,6 +149,9 @@ async fn unusual_upgrades_are_refused_or_counted_never_tunnelled_uncounted() {
     .await;
     assert_ne!(status, 101);
     gw.wait_active("rooms", 0).await;
+    // Nor was the upstream asked for one.
+    let head = up.heads().last().unwrap().to_ascii_lowercase();
+    assert!(!head.contains("upgrade: websocket"), "{head}");
 
     // Odd spellings of the same room are one key: the second is refused.
     let (first, held) = raw(

@@ -5,6 +5,9 @@
 //! - `/refuse-chunked`, `/refuse-length`: answers 403 with a chunked body,
 //!   or 429 with a sized one, and keeps the connection open for another
 //!   request (so only the framing says where the answer ends);
+//!   `/refuse-broken`: a chunked 403 whose second chunk-size line is not
+//!   hex; `/old-switch`: `HTTP/1.0 101`, which cannot switch;
+//!   `/switch-always`: a 101 whatever was asked;
 //! - `/close`: closes the connection without answering;
 //! - `/stall`: reads the request and never answers;
 //! - `/trickle`: answers 200 with a 1 MB body, sent a byte every 500 ms;
@@ -132,6 +135,12 @@ async fn serve(mut stream: TcpStream, counters: Arc<Counters>) {
             Some("HTTP/1.1 403 Forbidden\r\ntransfer-encoding: chunked\r\nx-why: full\r\n\r\n4\r\nnope\r\n0\r\n\r\n")
         } else if path.starts_with("/refuse-length") {
             Some("HTTP/1.1 429 Too Many Requests\r\ncontent-length: 4\r\nx-why: slow\r\n\r\nnope")
+        } else if path.starts_with("/refuse-broken") {
+            Some("HTTP/1.1 403 Forbidden\r\ntransfer-encoding: chunked\r\n\r\n4\r\nwiki\r\nzz\r\n")
+        } else if path.starts_with("/switch-always") {
+            Some("HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\n\r\n")
+        } else if path.starts_with("/old-switch") {
+            Some("HTTP/1.0 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\n\r\n")
         } else {
             None
         };
