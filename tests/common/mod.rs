@@ -208,7 +208,9 @@ impl Wsgate {
             }
             assert!(
                 start.elapsed() < limit,
-                "wsgate still running after {limit:?}"
+                "wsgate still running after {limit:?}; its threads: {}\nits log ends:\n{}",
+                threads_of(self.pid()),
+                tail(&self.log(), 3000)
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -542,4 +544,34 @@ pub async fn closed_by_peer(ws: &mut Ws, limit: Duration) {
 /// A YAML `upstream:` block for a plain upstream at `addr`.
 pub fn upstream_yaml(addr: SocketAddr) -> String {
     format!("    upstream:\n      url: http://{addr}\n")
+}
+
+/// Each thread of a process as `name state wchan`, for a test that finds
+/// the process stuck.
+fn threads_of(pid: u32) -> String {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return "(gone)".into();
+    };
+    let mut out = Vec::new();
+    for task in tasks.flatten() {
+        let path = task.path();
+        let read = |f: &str| std::fs::read_to_string(path.join(f)).unwrap_or_default();
+        let stat = read("stat");
+        // The state follows the name, which is in parentheses.
+        let state = stat.rsplit_once(") ").map_or("?", |(_, rest)| &rest[..1]);
+        out.push(format!(
+            "{} {state} {}",
+            read("comm").trim(),
+            read("wchan").trim()
+        ));
+    }
+    out.join("; ")
+}
+
+fn tail(text: &str, n: usize) -> &str {
+    let mut at = text.len().saturating_sub(n);
+    while !text.is_char_boundary(at) {
+        at += 1;
+    }
+    &text[at..]
 }
