@@ -112,6 +112,7 @@ fn run(path: &std::path::Path, upgrade: bool) -> anyhow::Result<std::convert::In
     let (mut server, _gateway) = wsgate::server::build(config, options)
         .with_context(|| format!("starting with {}", path.display()))?;
     server.bootstrap();
+    wsgate::server::bound_exit(&server);
     // Pingora writes the pid file only when it daemonises; wsgate runs in the
     // foreground, so it writes the file itself for supervisors and scripts.
     let pid_file = &server.configuration.pid_file;

@@ -17,12 +17,13 @@ use pingora::listeners::{ListenerConfig, TcpSocketOptions};
 use pingora::protocols::l4::stream::L4BufferSettings;
 use pingora::protocols::TcpKeepalive;
 use pingora::server::configuration::{Opt, ServerConf};
-use pingora::server::Server;
 use pingora::server::ShutdownWatch;
+use pingora::server::{ExecutionPhase, Server};
 use pingora::services::background::{background_service, BackgroundService};
 use pingora::services::listening::Service;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::broadcast::error::RecvError;
 
 /// Client connections go without Pingora's L4 buffers (64 KiB for reads,
 /// 1460 bytes for writes): they would stay with every held stream. Request
@@ -54,6 +55,38 @@ pub fn keepalive(k: &Keepalive) -> TcpKeepalive {
         count: k.count,
         #[cfg(target_os = "linux")]
         user_timeout: k.idle + k.interval * k.count as u32,
+    }
+}
+
+/// How long Pingora's runtimes get to stop, once it stops them, before the
+/// process exits anyway.
+const EXIT_BOUND: Duration = Duration::from_secs(3);
+
+/// Bounds the last step of every shutdown. Pingora stops its runtimes and
+/// waits for each. On SIGINT it does so without stopping its accept loops
+/// first, and with a runtime per thread (`work_stealing: false`) an accept
+/// loop whose listener was registered on a thread already stopped fails at
+/// once, forever, without yielding: its own thread never stops, and neither
+/// does the process. By then nothing is served any more, so the process
+/// exits `EXIT_BOUND` after the runtimes are told to stop, whatever they do.
+pub fn bound_exit(server: &Server) {
+    let mut phases = server.watch_execution_phase();
+    let watch = move || loop {
+        match phases.blocking_recv() {
+            Ok(ExecutionPhase::ShutdownRuntimes) => {
+                std::thread::sleep(EXIT_BOUND);
+                tracing::warn!(bound = ?EXIT_BOUND, "runtimes did not stop in time; exiting");
+                std::process::exit(0);
+            }
+            Ok(_) | Err(RecvError::Lagged(_)) => {}
+            Err(RecvError::Closed) => return,
+        }
+    };
+    if let Err(e) = std::thread::Builder::new()
+        .name("wsgate exit".into())
+        .spawn(watch)
+    {
+        tracing::warn!(error = %e, "cannot bound the shutdown's last step");
     }
 }
 
