@@ -10,7 +10,8 @@
 # `nginx`, each with 2 workers in front of the same echo upstream. For each target and load: a warm-up, REPEATS runs with the CPU
 # time and context switches of the proxy's threads read from /proc before
 # and after, then one run under `strace -c -f` (slowed by strace; only its
-# counts are used). Prints two Markdown tables.
+# counts are used). Prints two Markdown tables, and how the echo runs' CPU
+# fell on the proxy's two busiest threads.
 #
 # Usage: bench/costs.sh        (as root on Debian, for apt-get and strace)
 # Knobs: TARGETS="wsgate wsgate_via_pingora wsgate_stealing pingora nginx"
@@ -55,6 +56,18 @@ usage_of() {
         done
     done
     echo "$user $sys $switches"
+}
+
+# CPU ticks of each thread of the given comma-separated PIDs, one
+# `tid ticks` line each, sorted for `join`.
+thread_ticks() {
+    local pid task fields
+    for pid in ${1//,/ }; do
+        for task in /proc/"$pid"/task/*; do
+            read -r -a fields < <(sed 's/^.*) //' "$task/stat")
+            echo "${task##*/} $((fields[11] + fields[12]))"
+        done
+    done | sort
 }
 
 # --- install and build ---------------------------------------------------------
@@ -104,17 +117,25 @@ measure() {
     esac
     "$WSLOAD" "${load[@]}" --duration 2s >/dev/null
 
-    local rates=() users=() syss=() switches=() out n
+    local rates=() users=() syss=() switches=() split=() out n
     for _ in $(seq "$REPEATS"); do
         read -r u0 s0 c0 < <(usage_of "$PIDS")
+        thread_ticks "$PIDS" >"$WORK/ticks.0"
         out=$("$WSLOAD" "${load[@]}" --duration "$SECS")
         read -r u1 s1 c1 < <(usage_of "$PIDS")
+        thread_ticks "$PIDS" >"$WORK/ticks.1"
+        # The two busiest threads' share of a core over the run, in %.
+        split+=("$(join "$WORK/ticks.0" "$WORK/ticks.1" | awk '{ print $3 - $2 }' | sort -rn \
+            | head -2 | awk -v d="$(jq .seconds <<<"$out")" -v hz="$TICK" \
+                '{ printf "%s%.0f", (NR > 1 ? "/" : ""), 100 * $1 / hz / d }')")
         n=$(jq "$count" <<<"$out")
         rates+=("$(python3 -c "print($n / $(jq .seconds <<<"$out"))")")
         users+=("$(python3 -c "print(($u1 - $u0) * 1e6 / $TICK / $n)")")
         syss+=("$(python3 -c "print(($s1 - $s0) * 1e6 / $TICK / $n)")")
         switches+=("$(python3 -c "print(($c1 - $c0) / $n)")")
     done
+
+    echo "| $target | ${split[*]} |" >>"$WORK/threads.$what"
 
     strace -c -f -o "$WORK/strace.$target.$what" \
         $(for p in ${PIDS//,/ }; do echo "-p $p"; done) 2>/dev/null &
@@ -184,4 +205,9 @@ for what in rate echo; do
     cat "$WORK/table.$what"
     echo
 done
+echo "Busiest two threads' share of a core during each 64 B echo run (%):"
+echo
+printf '| target | busiest/next, per run |\n| --- | --- |\n'
+cat "$WORK/threads.echo"
+echo
 log "medians of $REPEATS runs of $SECS each; work files in $WORK"

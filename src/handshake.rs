@@ -22,7 +22,9 @@ use crate::conn::Handoff;
 use crate::gateway::Gateway;
 use crate::metrics::UpstreamFailure;
 use crate::refusal;
-use crate::relay::{connect_failed, Bounds, End, Outcome, Upgraded, CLOSE_GRACE, REFUSAL_LIMIT};
+use crate::relay::{
+    connect_failed, failure_status, Bounds, End, Outcome, Upgraded, CLOSE_GRACE, REFUSAL_LIMIT,
+};
 use crate::request::{self, Kind};
 use crate::route::normalize_path;
 use crate::stream;
@@ -135,19 +137,17 @@ pub async fn first(
     };
 
     let outcome = match exchange {
-        Ok(mut answer) if answer.status == 101 => {
+        Ok(answer) if answer.head.status == 101 => {
             let mut admitted = admitted;
-            let (switch, _) = answer.head(false);
-            if write_all(&mut client, &switch).await.is_err() {
+            if write_all(&mut client, &answer.head.passed).await.is_err() {
                 Outcome::Ended(End::ClientError)
             } else {
                 admitted.upgraded(Instant::now());
-                answer.buf.advance(answer.head_len);
                 let handoff = Box::new(Handoff {
                     upgraded: Upgraded {
                         upstream: answer.upstream,
                         to_upstream: read[head.len..].to_vec(),
-                        to_client: answer.buf.to_vec(),
+                        to_client: answer.rest.to_vec(),
                     },
                     bounds,
                     admitted,
@@ -159,40 +159,19 @@ pub async fn first(
         Ok(answer) => {
             // Not upgraded: the slots go back before the answer is relayed.
             drop(admitted);
-            let status = answer.status;
-            match answer.head(true) {
-                (head, Ok(framing)) => {
-                    let pass_on = pass_on(&mut client, answer, head, framing, bounds);
-                    let _ = tokio::time::timeout(REFUSAL_LIMIT, pass_on).await;
-                    close(&mut client).await;
-                    Outcome::Failed {
-                        reason: UpstreamFailure::Status,
-                        answered: status,
-                        error: None,
-                    }
-                }
-                // Framing no client could rely on: as Pingora does, 502.
-                (_, Err(e)) => {
-                    answer_and_close(&mut client, error_answer(502).as_bytes()).await;
-                    Outcome::Failed {
-                        reason: UpstreamFailure::Closed,
-                        answered: 502,
-                        error: Some(Error::because(
-                            ErrorType::InvalidHTTPHeader,
-                            "upstream answer",
-                            e,
-                        )),
-                    }
-                }
+            let answered = answer.head.status;
+            let pass_on = pass_on(&mut client, answer, bounds);
+            let _ = tokio::time::timeout(REFUSAL_LIMIT, pass_on).await;
+            close(&mut client).await;
+            Outcome::Failed {
+                reason: UpstreamFailure::Status,
+                answered,
+                error: None,
             }
         }
         Err((reason, error)) => {
             drop(admitted);
-            let answered = if reason == UpstreamFailure::Timeout {
-                504
-            } else {
-                502
-            };
+            let answered = failure_status(reason);
             answer_and_close(&mut client, error_answer(answered).as_bytes()).await;
             Outcome::Failed {
                 reason,
@@ -319,10 +298,22 @@ fn field(out: &mut Vec<u8>, name: &str, value: &[u8]) {
 /// The upstream's final answer to the upgrade, interim answers skipped.
 struct Answer {
     upstream: Stream,
+    head: AnswerHead,
+    /// Whatever the upstream sent after the head.
+    rest: BytesMut,
+}
+
+/// A whole answer head, read once.
+#[derive(Debug)]
+struct AnswerHead {
     status: u16,
-    /// The answer head, then whatever the upstream sent after it.
-    buf: BytesMut,
-    head_len: usize,
+    /// Its length in the upstream's bytes.
+    len: usize,
+    /// As it is passed on (empty for an interim answer, which is not).
+    passed: Vec<u8>,
+    /// How its body ends (`Empty` for a 101, whose bytes after the head
+    /// are the stream's).
+    framing: Framing,
 }
 
 /// Connects to `peer`, sends `request` and reads the answer head, all
@@ -339,15 +330,12 @@ async fn exchange(
         write_all(&mut upstream, request).await?;
         let mut buf = BytesMut::with_capacity(1024);
         loop {
-            if let Some((status, head_len)) = parse_answer(&buf)? {
-                // Interim answers (100 Continue, 103 Early Hints) come
-                // before the real one and mean nothing to a WebSocket
-                // client: skip them.
-                if matches!(status, 100 | 102..=199) {
-                    buf.advance(head_len);
+            if let Some(head) = parse_answer(&buf)? {
+                buf.advance(head.len);
+                if is_interim(head.status) {
                     continue;
                 }
-                return Ok((status, head_len, buf));
+                return Ok((head, buf));
             }
             if buf.len() >= MAX_ANSWER_HEAD {
                 return Err(io::Error::new(
@@ -364,11 +352,10 @@ async fn exchange(
         }
     };
     match tokio::time::timeout(timeout, talk).await {
-        Ok(Ok((status, head_len, buf))) => Ok(Answer {
+        Ok(Ok((head, rest))) => Ok(Answer {
             upstream,
-            status,
-            buf,
-            head_len,
+            head,
+            rest,
         }),
         Ok(Err(e)) => Err((
             UpstreamFailure::Closed,
@@ -384,39 +371,51 @@ async fn exchange(
     }
 }
 
-/// The status and head length of a complete answer head at the start of
-/// `buf`, `None` if it is not all there yet.
-fn parse_answer(buf: &[u8]) -> io::Result<Option<(u16, usize)>> {
+/// Interim answers (100 Continue, 103 Early Hints) come before the real
+/// one and mean nothing to a WebSocket client: they are skipped.
+fn is_interim(status: u16) -> bool {
+    matches!(status, 100 | 102..=199)
+}
+
+/// The complete answer head at the start of `buf`, `None` if it is not all
+/// there yet. As in Pingora's client, a status under 100, a switch over
+/// HTTP/1.0 (which cannot switch), or lengths no reader could rely on, on
+/// any answer, are errors: the upgrade fails.
+fn parse_answer(buf: &[u8]) -> io::Result<Option<AnswerHead>> {
+    let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, what.to_string());
     let mut raw = [httparse::EMPTY_HEADER; MAX_ANSWER_FIELDS];
     let mut resp = httparse::Response::new(&mut raw);
-    match answer_parser().parse_response(&mut resp, buf) {
-        Ok(httparse::Status::Complete(len)) => {
-            // As Pingora's client: a status under 100, a switch over
-            // HTTP/1.0 (which cannot switch), or lengths no reader could
-            // rely on, on any answer, fail the upgrade.
-            let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, what.to_string());
-            let code = resp
-                .code
-                .ok_or_else(|| bad("upstream answer without a status"))?;
-            if code < 100 {
-                return Err(bad("upstream answer status under 100"));
-            }
-            if code == 101 && resp.version != Some(1) {
-                return Err(bad("upstream answered 101 without upgrading"));
-            }
-            let lengths = resp
-                .headers
-                .iter()
-                .filter(|f| f.name.eq_ignore_ascii_case("content-length"));
-            content_length(lengths.map(|f| f.value))?;
-            Ok(Some((code, len)))
-        }
-        Ok(httparse::Status::Partial) => Ok(None),
-        Err(e) => Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("upstream answer: {e}"),
-        )),
+    let len = match answer_parser().parse_response(&mut resp, buf) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(e) => return Err(bad(&format!("upstream answer: {e}"))),
+    };
+    let status = resp
+        .code
+        .ok_or_else(|| bad("upstream answer without a status"))?;
+    if status < 100 {
+        return Err(bad("upstream answer status under 100"));
     }
+    if status == 101 && resp.version != Some(1) {
+        return Err(bad("upstream answered 101 without upgrading"));
+    }
+    let lengths = resp
+        .headers
+        .iter()
+        .filter(|f| f.name.eq_ignore_ascii_case("content-length"));
+    let length = content_length(lengths.map(|f| f.value))?;
+
+    let (passed, framing) = if is_interim(status) {
+        (Vec::new(), Framing::Empty)
+    } else {
+        answer_head(&resp, status, length)
+    };
+    Ok(Some(AnswerHead {
+        status,
+        len,
+        passed,
+        framing,
+    }))
 }
 
 /// How upstream answers are read: with the allowances Pingora's client
@@ -439,34 +438,19 @@ enum Framing {
     UntilClose,
 }
 
-impl Answer {
-    /// The answer head to pass on, and for a `closing` answer (any but a
-    /// 101) how its body ends. See [`answer_head`].
-    fn head(&self, closing: bool) -> (Vec<u8>, io::Result<Framing>) {
-        answer_head(&self.buf[..self.head_len], self.status, closing)
-    }
-}
-
-/// Rebuilds an answer head from its fields, as a proxy must pass it on: a
-/// folded field unfolded and nothing between a name and its colon (RFC
-/// 9112, 5.1-5.2). A `closing` answer loses the upstream's `Connection` and
-/// `Keep-Alive` and gains `Connection: close`, and its body's framing is
-/// read: `Transfer-Encoding` wins over `Content-Length` (which is then not
-/// passed on), and lengths that disagree or cannot be read are an error.
-fn answer_head(raw: &[u8], status: u16, closing: bool) -> (Vec<u8>, io::Result<Framing>) {
-    let mut fields = [httparse::EMPTY_HEADER; MAX_ANSWER_FIELDS];
-    let mut resp = httparse::Response::new(&mut fields);
-    if let Err(e) = answer_parser().parse_response(&mut resp, raw) {
-        return (
-            Vec::new(),
-            Err(io::Error::new(io::ErrorKind::InvalidData, e)),
-        );
-    }
+/// Rebuilds a final answer head from its fields, as a proxy must pass it
+/// on: a folded field unfolded and nothing between a name and its colon
+/// (RFC 9112, 5.1-5.2). Any answer but a 101 closes the client's
+/// connection: it loses the upstream's `Connection` and `Keep-Alive`, gains
+/// `Connection: close`, and its body's framing is read, `Transfer-Encoding`
+/// winning over `length` (whose field is then not passed on).
+fn answer_head(resp: &httparse::Response, status: u16, length: Option<u64>) -> (Vec<u8>, Framing) {
+    let closing = status != 101;
     let is = |f: &httparse::Header, name: &str| f.name.eq_ignore_ascii_case(name);
 
     let coded = resp.headers.iter().any(|f| is(f, "transfer-encoding"));
     let framing = if !closing || matches!(status, 204 | 304) {
-        Ok(Framing::Empty)
+        Framing::Empty
     } else if coded {
         // Chunked must be the last coding of the last field; otherwise the
         // body runs to the close (RFC 9112, 6.3).
@@ -478,21 +462,15 @@ fn answer_head(raw: &[u8], status: u16, closing: bool) -> (Vec<u8>, io::Result<F
             .and_then(|f| f.value.rsplit(|b| *b == b',').next())
             .unwrap_or(b"");
         if last.trim_ascii().eq_ignore_ascii_case(b"chunked") {
-            Ok(Framing::Chunked(Chunked::default()))
+            Framing::Chunked(Chunked::default())
         } else {
-            Ok(Framing::UntilClose)
+            Framing::UntilClose
         }
     } else {
-        content_length(
-            resp.headers
-                .iter()
-                .filter(|f| is(f, "content-length"))
-                .map(|f| f.value),
-        )
-        .map(|n| n.map_or(Framing::UntilClose, Framing::Length))
+        length.map_or(Framing::UntilClose, Framing::Length)
     };
 
-    let mut out = Vec::with_capacity(raw.len() + 32);
+    let mut out = Vec::with_capacity(256);
     out.extend_from_slice(format!("HTTP/1.1 {status} ").as_bytes());
     out.extend_from_slice(resp.reason.unwrap_or("").as_bytes());
     out.extend_from_slice(b"\r\n");
@@ -546,24 +524,17 @@ fn content_length<'a>(values: impl Iterator<Item = &'a [u8]>) -> io::Result<Opti
     Ok(length)
 }
 
-/// Relays an upstream's non-101 answer to the client, `head` then its body
-/// as `framing` bounds it; the client's connection ends after it. Each read
-/// from the upstream is bounded by the handshake timeout.
-async fn pass_on(
-    client: &mut Stream,
-    answer: Answer,
-    head: Vec<u8>,
-    mut framing: Framing,
-    bounds: Bounds,
-) -> io::Result<()> {
+/// Relays an upstream's non-101 answer to the client, its head then its
+/// body as its framing bounds it; the client's connection ends after it.
+/// Each read from the upstream is bounded by the handshake timeout.
+async fn pass_on(client: &mut Stream, answer: Answer, bounds: Bounds) -> io::Result<()> {
     let Answer {
         mut upstream,
-        mut buf,
-        head_len,
-        ..
+        head,
+        rest: mut buf,
     } = answer;
-    buf.advance(head_len);
-    write_all(client, &head).await?;
+    let mut framing = head.framing;
+    write_all(client, &head.passed).await?;
 
     loop {
         let take = match &mut framing {
@@ -821,10 +792,14 @@ mod tests {
 
     #[test]
     fn interim_and_final_answers_are_told_apart() {
-        let (status, len) = parse_answer(b"HTTP/1.1 101 Switching Protocols\r\n\r\nxy")
+        let switch = parse_answer(b"HTTP/1.1 101 Switching Protocols\r\n\r\nxy")
             .unwrap()
             .unwrap();
-        assert_eq!((status, len), (101, 36));
+        assert_eq!((switch.status, switch.len), (101, 36));
+        let hints = parse_answer(b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert!(is_interim(hints.status) && hints.passed.is_empty());
         assert!(parse_answer(b"HTTP/1.1 101 Switching").unwrap().is_none());
         for bad in [
             &b"NOPE\r\n\r\n"[..],
@@ -844,14 +819,14 @@ mod tests {
 
     #[test]
     fn a_refused_upgrades_answer_keeps_its_fields_and_closes() {
-        let head = |raw: &[u8], status| {
-            let (head, framing) = answer_head(raw, status, true);
-            (String::from_utf8(head).unwrap(), framing.ok())
+        let head = |raw: &[u8]| match parse_answer(raw) {
+            Ok(Some(head)) => (String::from_utf8(head.passed).unwrap(), Some(head.framing)),
+            _ => (String::new(), None),
         };
         let raw = b"HTTP/1.1 403 Forbidden\r\nConnection: keep-alive\r\nKeep-Alive: t=5\r\n\
             Content-Length: 4\r\nX-Why: no\r\n\r\n";
         assert_eq!(
-            head(raw, 403),
+            head(raw),
             (
                 "HTTP/1.1 403 Forbidden\r\nContent-Length: 4\r\nX-Why: no\r\nConnection: close\r\n\r\n"
                     .to_string(),
@@ -864,23 +839,23 @@ mod tests {
             &b"HTTP/1.1 400 Bad\r\nTransfer-Encoding: gzip, chunked\r\nContent-Length: 9\r\n\r\n"[..],
             b"HTTP/1.1 400 Bad\r\nContent-Length: 9\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
         ] {
-            let (text, framing) = head(raw, 400);
+            let (text, framing) = head(raw);
             assert!(!text.contains("Content-Length"), "{text}");
             assert_eq!(framing, Some(Framing::Chunked(Chunked::default())));
         }
         let raw = b"HTTP/1.1 400 Bad\r\nTransfer-Encoding: chunked, gzip\r\n\r\n";
-        assert_eq!(head(raw, 400).1, Some(Framing::UntilClose));
+        assert_eq!(head(raw).1, Some(Framing::UntilClose));
         let raw = b"HTTP/1.1 304 Not Modified\r\nContent-Length: 10\r\n\r\n";
-        assert_eq!(head(raw, 304).1, Some(Framing::Empty));
+        assert_eq!(head(raw).1, Some(Framing::Empty));
         let raw = b"HTTP/1.1 500 Oops\r\n\r\n";
-        assert_eq!(head(raw, 500).1, Some(Framing::UntilClose));
+        assert_eq!(head(raw).1, Some(Framing::UntilClose));
         let raw = b"HTTP/1.1 500 Oops\r\nContent-Length: 3, 3\r\nContent-Length: 3\r\n\r\n";
-        assert_eq!(head(raw, 500).1, Some(Framing::Length(3)));
+        assert_eq!(head(raw).1, Some(Framing::Length(3)));
 
         // Lengths no client could rely on.
         for cl in ["5\r\nContent-Length: 7", "+5", "5, 6", "", "five", "-1"] {
             let raw = format!("HTTP/1.1 403 No\r\nContent-Length: {cl}\r\n\r\n");
-            assert_eq!(head(raw.as_bytes(), 403).1, None, "{cl}");
+            assert_eq!(head(raw.as_bytes()).1, None, "{cl}");
         }
     }
 
@@ -888,11 +863,11 @@ mod tests {
     fn a_switch_is_passed_on_with_its_fields_unfolded() {
         let raw = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
             Connection: Upgrade\r\nX-Foo : bar\r\nX-Long: a\r\n b\r\n\r\n";
-        let (status, len) = parse_answer(raw).unwrap().unwrap();
-        assert_eq!((status, len), (101, raw.len()));
-        let (head, _) = answer_head(raw, 101, false);
+        let switch = parse_answer(raw).unwrap().unwrap();
+        assert_eq!((switch.status, switch.len), (101, raw.len()));
+        assert_eq!(switch.framing, Framing::Empty);
         assert_eq!(
-            String::from_utf8(head).unwrap(),
+            String::from_utf8(switch.passed).unwrap(),
             "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
              Connection: Upgrade\r\nX-Foo: bar\r\nX-Long: a   b\r\n\r\n"
         );

@@ -126,11 +126,7 @@ pub async fn run(
         Ok(up) => up,
         Err((reason, error)) => {
             on_phase(Phase::NotUpgraded);
-            let answered = if reason == UpstreamFailure::Timeout {
-                504
-            } else {
-                502
-            };
+            let answered = failure_status(reason);
             respond_error(session, answered).await;
             return Outcome::Failed {
                 reason,
@@ -246,6 +242,15 @@ async fn handshake(
                 "upstream did not answer the upgrade in time",
             ),
         )),
+    }
+}
+
+/// What the client is answered when the upstream failed an upgrade.
+pub(crate) fn failure_status(reason: UpstreamFailure) -> u16 {
+    if reason == UpstreamFailure::Timeout {
+        504
+    } else {
+        502
     }
 }
 
