@@ -16,9 +16,17 @@
 # Usage: bench/costs.sh        (as root on Debian, for apt-get and strace)
 # Knobs: TARGETS="wsgate wsgate_via_pingora wsgate_stealing pingora nginx"
 #        REPEATS=3 SECS=4s CONC=32 ECHO_CONNS=50
+#        BASE=<git revision>: also measure wsgate as built from that
+#        revision, with the same config, right after `wsgate` (target
+#        `base`, shown as `wsgate@<revision>`), to show a change side by side.
 set -euo pipefail
 
 TARGETS=${TARGETS:-wsgate wsgate_via_pingora wsgate_stealing pingora nginx}
+BASE=${BASE:-}
+if [ -n "$BASE" ] && [[ " $TARGETS " != *" base "* ]]; then
+    TARGETS=${TARGETS/wsgate /wsgate base }
+    [[ " $TARGETS " == *" base "* ]] || TARGETS="base $TARGETS"
+fi
 REPEATS=${REPEATS:-3}
 SECS=${SECS:-4s}
 CONC=${CONC:-32}
@@ -38,6 +46,7 @@ cleanup() {
     [ -n "$STRACE_PID" ] && stop_pid "$STRACE_PID"
     [ -n "$PID" ] && stop_pid "$PID"
     [ -n "$UP_PID" ] && stop_pid "$UP_PID"
+    [ -d "$WORK/base" ] && git worktree remove --force "$WORK/base"
     return 0
 }
 trap cleanup EXIT
@@ -79,6 +88,17 @@ if [ ${#need[@]} -gt 0 ]; then
     log "installing ${need[*]} from Debian's packages"
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"
+fi
+
+# The base revision first, in a worktree sharing the target directory (so
+# only what differs is rebuilt); its binary is copied out before the
+# current tree's build below replaces it.
+if [ -n "$BASE" ]; then
+    log "building wsgate at $BASE (release)"
+    git worktree add --detach "$WORK/base" "$BASE" >&2
+    (cd "$WORK/base" && CARGO_TARGET_DIR=$TARGET_DIR cargo build --release --bin wsgate >&2)
+    cp "$TARGET_DIR/release/wsgate" "$WORK/wsgate-base"
+    git worktree remove --force "$WORK/base" >&2
 fi
 
 log "building (release)"
@@ -169,6 +189,10 @@ for target in $TARGETS; do
         wsgate) PORT=$WG
             WSGATE_LOG=warn "$WSGATE" --config "$WORK/wsgate.yaml" >>"$WORK/wsgate.log" 2>&1 &
             PID=$! ;;
+        base) PORT=$WG
+            [ -n "$BASE" ] || { log "target base needs BASE=<git revision>"; exit 2; }
+            WSGATE_LOG=warn "$WORK/wsgate-base" --config "$WORK/wsgate.yaml" >>"$WORK/base.log" 2>&1 &
+            PID=$! ;;
         wsgate_stealing) PORT=$WS
             WSGATE_LOG=warn "$WSGATE" --config "$WORK/stealing.yaml" >>"$WORK/stealing.log" 2>&1 &
             PID=$! ;;
@@ -187,9 +211,11 @@ for target in $TARGETS; do
     wait_port "$PORT"
     sleep 0.5
     PIDS=$(pid_tree "$PID")
-    log "$target"
-    measure "$target" rate "ws://127.0.0.1:$PORT/ws"
-    measure "$target" echo "ws://127.0.0.1:$PORT/ws"
+    label=$target
+    [ "$target" = base ] && label="wsgate@$BASE"
+    log "$label"
+    measure "$label" rate "ws://127.0.0.1:$PORT/ws"
+    measure "$label" echo "ws://127.0.0.1:$PORT/ws"
     stop_pid "$PID"; PID=""
     sleep 1
 done

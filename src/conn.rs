@@ -12,6 +12,7 @@
 //! ends and is dropped with all its buffers, and the two raw connections are
 //! relayed by [`relay::pump`] on a task of their own.
 
+use crate::accept;
 use crate::admission::ConnectionSlot;
 use crate::config::ServerSettings;
 use crate::gateway::Gateway;
@@ -50,6 +51,9 @@ pub struct Front {
     gateway: Arc<Gateway>,
     /// Upstream connections for upgrades carried by [`handshake`].
     transport: TransportConnector,
+    /// Whether each thread runs an event loop of its own, so that a new
+    /// connection's socket must be moved to the thread serving it.
+    settle: bool,
 }
 
 impl Front {
@@ -58,10 +62,12 @@ impl Front {
         gateway: Arc<Gateway>,
         transport: TransportConnector,
     ) -> Self {
+        let settle = !gateway.snapshot().config.server.work_stealing;
         Self {
             proxy: Arc::new(proxy),
             gateway,
             transport,
+            settle,
         }
     }
 }
@@ -98,6 +104,11 @@ impl ServerApp for Front {
         stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
+        let stream = if self.settle {
+            accept::settle(stream)
+        } else {
+            stream
+        };
         let peer = peer_ip(&*stream);
         // The config is read once here and not kept: a connection may live
         // for hours, and must not pin an old config in memory after reloads.

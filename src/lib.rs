@@ -1,7 +1,8 @@
 //! wsgate: an admission gateway for WebSocket upstreams, built on Pingora.
 //!
 //! Modules in the order a request meets them: `config` says what is allowed
-//! (`pem` checks the TLS files it names); `conn` is the front door that owns
+//! (`pem` checks the TLS files it names); `accept` keeps each new socket on
+//! the thread that serves it; `conn` is the front door that owns
 //! each connection, and `handshake` carries a connection's first request
 //! there when it is a plain WebSocket upgrade, `proxy` hooks into Pingora
 //! for everything else; `request` tells a stream from plain HTTP, `route`
@@ -10,8 +11,9 @@
 //! `cluster` takes them across a fleet of instances), `refusal` answers when
 //! it cannot, and `relay` carries the stream; `gateway` holds the shared
 //! state, `metrics` and `admin` report on it, `server` wires it up.
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
+pub mod accept;
 pub mod admin;
 pub mod admission;
 pub mod client;

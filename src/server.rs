@@ -1,6 +1,7 @@
 //! Wiring: turns a validated [`Config`] into a running Pingora server with
 //! the proxy listeners and the admin listener.
 
+use crate::accept::Accepting;
 use crate::admin::Admin;
 use crate::config::{AfterUpgrade, Config, Keepalive};
 use crate::conn::Front;
@@ -129,6 +130,7 @@ pub fn build(config: Config, options: RunOptions) -> anyhow::Result<(Server, Arc
         TransportConnector::new(Some(connect)),
     );
     let mut proxy = Service::new("wsgate proxy".to_string(), front);
+    proxy.set_connection_filter(Arc::new(Accepting));
     let mut sock = TcpSocketOptions::default();
     sock.tcp_keepalive = config.server.tcp_keepalive.as_ref().map(keepalive);
     for listener in &config.listeners {
