@@ -5,15 +5,16 @@
 //! connection's task on a thread picked at random. The socket stays
 //! registered with the event loop of the thread that accepted it, so for
 //! every connection placed elsewhere each readiness event of the client
-//! socket is taken by the accepting thread and passed on as a cross-thread
-//! wake-up, for as long as the stream lives.
+//! socket would be taken by the accepting thread and passed on as a
+//! cross-thread wake-up, for as long as the stream lives.
 //!
-//! [`Accepting`] marks the thread that accepts, and [`settle`] moves a plain
-//! TCP socket onto the event loop of the thread serving it when that is
-//! another thread. This module holds the crate's one `unsafe` block.
+//! [`Accepting`] marks the thread that accepts. Elsewhere, a plain
+//! connection is moved onto the serving thread's event loop by [`settle`]
+//! as the front door takes it, and a TLS connection by [`SettleBeforeTls`]
+//! before its handshake. This module holds the crate's one `unsafe` block.
 
 use async_trait::async_trait;
-use pingora::listeners::ConnectionFilter;
+use pingora::listeners::{ConnectionFilter, PreTlsProcess};
 use pingora::protocols::l4::stream::Stream as TcpStream;
 use pingora::protocols::{GetSocketDigest, SocketDigest, Stream};
 use std::cell::Cell;
@@ -41,48 +42,76 @@ impl ConnectionFilter for Accepting {
 }
 
 /// Moves a new plain TCP connection's readiness onto the event loop of the
-/// current thread, unless this thread accepted it (Pingora's accept loops
-/// all run on one thread). A TLS connection is served as it came: its
-/// handshake has already run over the socket where it lies.
+/// current thread, unless this thread accepted it. Anything else (a TLS
+/// connection, settled before its handshake) is served as it came.
 ///
-/// Call before anything is read from or written to the connection: a
-/// duplicate of the descriptor is registered here and the original closed,
-/// so nothing can be in flight. If the duplicate cannot be had, the
-/// connection is served as it came.
+/// Call before anything is read from or written to the connection.
 pub fn settle(stream: Stream) -> Stream {
     if ACCEPTS.with(Cell::get) {
         return stream;
     }
-    let Some(tcp) = stream.as_any().downcast_ref::<TcpStream>() else {
+    let Some(moved) = stream.as_any().downcast_ref::<TcpStream>().and_then(moved) else {
         return stream;
     };
+    drop(stream);
+    Box::new(moved)
+}
+
+/// Pingora's hook before a TLS handshake, on the thread that will serve the
+/// connection: the same move as [`settle`], so the handshake and all that
+/// follows run on that thread's event loop.
+pub struct SettleBeforeTls;
+
+#[async_trait]
+impl PreTlsProcess for SettleBeforeTls {
+    async fn process(&self, stream: &mut TcpStream) -> pingora::Result<()> {
+        if !ACCEPTS.with(Cell::get) {
+            if let Some(moved) = moved(stream) {
+                // The original is dropped here, closing its descriptor.
+                *stream = moved;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A stream on a duplicate of `tcp`'s descriptor, registered with the
+/// current thread's event loop and unbuffered (as the proxy's listeners
+/// are, see `server::L4_BUFFER`); `tcp` must then be dropped. None for a
+/// Unix socket, or if the duplicate cannot be had: the connection is then
+/// served as it came.
+///
+/// Nothing may have been read from or written to `tcp`: whatever Pingora's
+/// stream held would stay behind.
+fn moved(tcp: &TcpStream) -> Option<TcpStream> {
     // Pingora's plain stream also carries Unix sockets; only TCP is moved.
     // The peer address was read at accept, and is carried over rather than
     // asked of the kernel again.
-    let Some(peer) = stream
+    let peer = tcp
         .get_socket_digest()
         .and_then(|d| d.peer_addr.get().cloned().flatten())
-        .filter(|p| p.as_inet().is_some())
-    else {
-        return stream;
-    };
+        .filter(|p| p.as_inet().is_some())?;
 
-    let moved = match dup(tcp.as_raw_fd())
-        .and_then(|fd| tokio::net::TcpStream::from_std(std::net::TcpStream::from(fd)))
-    {
+    let std = match dup(tcp.as_raw_fd()) {
+        Ok(fd) => std::net::TcpStream::from(fd),
+        Err(e) => {
+            tracing::debug!(error = %e, "cannot move a connection to its thread");
+            return None;
+        }
+    };
+    let moved = match tokio::net::TcpStream::from_std(std) {
         Ok(moved) => moved,
         Err(e) => {
             tracing::debug!(error = %e, "cannot move a connection to its thread");
-            return stream;
+            return None;
         }
     };
+
     let mut moved = TcpStream::from(moved);
     let digest = SocketDigest::from_raw_fd(moved.as_raw_fd());
     let _ = digest.peer_addr.set(Some(peer));
     moved.set_socket_digest(digest);
-
-    drop(stream);
-    Box::new(moved)
+    Some(moved)
 }
 
 /// A new descriptor for the socket behind `fd` (close-on-exec, and sharing
@@ -181,5 +210,28 @@ mod tests {
 
         let tcp = stream.as_any().downcast_ref::<TcpStream>().unwrap();
         assert_eq!(tcp.as_raw_fd(), fd);
+    }
+
+    #[tokio::test]
+    async fn a_tls_connection_is_moved_before_its_handshake() {
+        let (stream, mut client) = pair().await;
+        let mut tcp = *stream.into_any().downcast::<TcpStream>().unwrap();
+        let fd = tcp.as_raw_fd();
+
+        SettleBeforeTls.process(&mut tcp).await.unwrap();
+
+        assert_ne!(tcp.as_raw_fd(), fd);
+        client.write_all(b"hello").await.unwrap();
+        let mut got = [0; 5];
+        tcp.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"hello");
+    }
+
+    #[test]
+    fn moved_streams_are_buffered_as_the_listeners_ask() {
+        // `moved` makes its streams with Pingora's `From`, which buffers
+        // nothing; the listeners must ask for the same.
+        let l4 = crate::server::L4_BUFFER;
+        assert_eq!((l4.read_capacity(), l4.write_capacity()), (0, 0));
     }
 }

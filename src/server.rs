@@ -1,7 +1,7 @@
 //! Wiring: turns a validated [`Config`] into a running Pingora server with
 //! the proxy listeners and the admin listener.
 
-use crate::accept::Accepting;
+use crate::accept::{Accepting, SettleBeforeTls};
 use crate::admin::Admin;
 use crate::config::{AfterUpgrade, Config, Keepalive};
 use crate::conn::Front;
@@ -14,7 +14,7 @@ use async_trait::async_trait;
 use pingora::connectors::http::v1::Connector;
 use pingora::connectors::{ConnectorOptions, TransportConnector};
 use pingora::listeners::tls::TlsSettings;
-use pingora::listeners::{ListenerConfig, TcpSocketOptions};
+use pingora::listeners::{ListenerConfig, Listeners, TcpSocketOptions};
 use pingora::protocols::l4::stream::L4BufferSettings;
 use pingora::protocols::TcpKeepalive;
 use pingora::server::configuration::{Opt, ServerConf};
@@ -30,8 +30,9 @@ use tokio::sync::broadcast::error::RecvError;
 /// 1460 bytes for writes): they would stay with every held stream. Request
 /// heads are read into the HTTP session's own buffer, relayed bytes into a
 /// scratch buffer on the stack (see `relay::pump`), and each write is a
-/// whole head, body chunk or relayed read already.
-const L4_BUFFER: L4BufferSettings = L4BufferSettings {
+/// whole head, body chunk or relayed read already. `accept::settle` makes
+/// its streams unbuffered too, so these must stay at zero.
+pub(crate) const L4_BUFFER: L4BufferSettings = L4BufferSettings {
     read: Some(0),
     write: Some(0),
 };
@@ -129,8 +130,10 @@ pub fn build(config: Config, options: RunOptions) -> anyhow::Result<(Server, Arc
         gateway.clone(),
         TransportConnector::new(Some(connect)),
     );
-    let mut proxy = Service::new("wsgate proxy".to_string(), front);
-    proxy.set_connection_filter(Arc::new(Accepting));
+    let mut listeners = Listeners::new();
+    if !config.server.work_stealing {
+        listeners.set_pre_tls_callback(Arc::new(SettleBeforeTls));
+    }
     let mut sock = TcpSocketOptions::default();
     sock.tcp_keepalive = config.server.tcp_keepalive.as_ref().map(keepalive);
     for listener in &config.listeners {
@@ -150,8 +153,10 @@ pub fn build(config: Config, options: RunOptions) -> anyhow::Result<(Server, Arc
             tls.set_alpn(pingora::protocols::ALPN::H1);
             endpoint = endpoint.tls(tls);
         }
-        proxy.add_listener(endpoint);
+        listeners.add_listener(endpoint);
     }
+    let mut proxy = Service::with_listeners("wsgate proxy".to_string(), listeners, front);
+    proxy.set_connection_filter(Arc::new(Accepting));
 
     let mut admin = Service::new("wsgate admin".to_string(), Admin::new(gateway.clone()));
     admin.add_tcp(&config.admin.to_string());
