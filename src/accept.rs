@@ -18,9 +18,8 @@ use pingora::listeners::{ConnectionFilter, PreTlsProcess};
 use pingora::protocols::l4::stream::Stream as TcpStream;
 use pingora::protocols::{GetSocketDigest, SocketDigest, Stream};
 use std::cell::Cell;
-use std::io;
 use std::net::SocketAddr as InetAddr;
-use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd};
 
 thread_local! {
     /// Whether this thread runs an accept loop of the proxy's listeners.
@@ -81,6 +80,10 @@ impl PreTlsProcess for SettleBeforeTls {
 /// Unix socket, or if the duplicate cannot be had: the connection is then
 /// served as it came.
 ///
+/// Of `tcp`'s digests only the peer address is carried over: its timing
+/// digest restarts at the move, microseconds after accept, and it has no
+/// tracer or proxy digest at this point.
+///
 /// Nothing may have been read from or written to `tcp`: whatever Pingora's
 /// stream held would stay behind.
 fn moved(tcp: &TcpStream) -> Option<TcpStream> {
@@ -92,7 +95,11 @@ fn moved(tcp: &TcpStream) -> Option<TcpStream> {
         .and_then(|d| d.peer_addr.get().cloned().flatten())
         .filter(|p| p.as_inet().is_some())?;
 
-    let std = match dup(tcp.as_raw_fd()) {
+    // SAFETY: the descriptor belongs to `tcp`, which is borrowed for the
+    // whole of this function, so it stays open while borrowed here.
+    #[allow(unsafe_code)]
+    let fd = unsafe { BorrowedFd::borrow_raw(tcp.as_raw_fd()) };
+    let std = match fd.try_clone_to_owned() {
         Ok(fd) => std::net::TcpStream::from(fd),
         Err(e) => {
             tracing::debug!(error = %e, "cannot move a connection to its thread");
@@ -112,16 +119,6 @@ fn moved(tcp: &TcpStream) -> Option<TcpStream> {
     let _ = digest.peer_addr.set(Some(peer));
     moved.set_socket_digest(digest);
     Some(moved)
-}
-
-/// A new descriptor for the socket behind `fd` (close-on-exec, and sharing
-/// its non-blocking mode).
-#[allow(unsafe_code)]
-fn dup(fd: RawFd) -> io::Result<OwnedFd> {
-    // SAFETY: `fd` is the descriptor of a stream the caller holds for the
-    // whole call, so it stays open while borrowed; the borrow only makes a
-    // descriptor of its own.
-    unsafe { BorrowedFd::borrow_raw(fd) }.try_clone_to_owned()
 }
 
 #[cfg(test)]
