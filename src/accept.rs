@@ -8,10 +8,13 @@
 //! socket would be taken by the accepting thread and passed on as a
 //! cross-thread wake-up, for as long as the stream lives.
 //!
-//! [`Accepting`] marks the thread that accepts. Elsewhere, a plain
-//! connection is moved onto the serving thread's event loop by [`settle`]
-//! as the front door takes it, and a TLS connection by [`SettleBeforeTls`]
-//! before its handshake. This module holds the crate's one `unsafe` block.
+//! [`Accepting`] marks the thread that accepts. Elsewhere, a TLS connection
+//! is moved onto the serving thread's event loop by [`SettleBeforeTls`]
+//! before its handshake, and a plain one by [`settle`] once the relay finds
+//! its stream busy: the move costs a few system calls, which a connection
+//! that ends after its handshake would pay for nothing. Plain HTTP
+//! exchanges stay where they were accepted. This module holds the crate's
+//! one `unsafe` block.
 
 use async_trait::async_trait;
 use pingora::listeners::{ConnectionFilter, PreTlsProcess};
@@ -40,25 +43,26 @@ impl ConnectionFilter for Accepting {
     }
 }
 
-/// Moves a new plain TCP connection's readiness onto the event loop of the
-/// current thread, unless this thread accepted it. Anything else (a TLS
-/// connection, settled before its handshake) is served as it came.
+/// Moves a plain TCP stream's socket onto the event loop of the current
+/// thread, unless this thread accepted it. Anything else (a TLS stream,
+/// settled before its handshake) stays as it is.
 ///
-/// Call before anything is read from or written to the connection.
-pub fn settle(stream: Stream) -> Stream {
+/// Only between reads and writes: the stream must hold no bytes of its own
+/// (the proxy's streams are unbuffered, see `server::L4_BUFFER`), and the
+/// caller polls it again afterwards so that its wakers are registered anew.
+pub fn settle(stream: &mut Stream) {
     if ACCEPTS.with(Cell::get) {
-        return stream;
+        return;
     }
-    let Some(moved) = stream.as_any().downcast_ref::<TcpStream>().and_then(moved) else {
-        return stream;
-    };
-    drop(stream);
-    Box::new(moved)
+    if let Some(moved) = stream.as_any().downcast_ref::<TcpStream>().and_then(moved) {
+        // The original is dropped here, closing its descriptor.
+        *stream = Box::new(moved);
+    }
 }
 
 /// Pingora's hook before a TLS handshake, on the thread that will serve the
-/// connection: the same move as [`settle`], so the handshake and all that
-/// follows run on that thread's event loop.
+/// connection: the same move as [`settle`], made before any byte is read,
+/// since a TLS stream cannot be moved once its session wraps the socket.
 pub struct SettleBeforeTls;
 
 #[async_trait]
@@ -122,14 +126,14 @@ fn moved(tcp: &TcpStream) -> Option<TcpStream> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::time::Duration;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     /// A connected pair: Pingora's stream of the accepted side, as its
     /// listener makes it, and the client's end.
-    async fn pair() -> (Stream, tokio::net::TcpStream) {
+    pub(crate) async fn pair() -> (Stream, tokio::net::TcpStream) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap());
         let (client, accepted) = tokio::join!(client, listener.accept());
@@ -151,7 +155,8 @@ mod tests {
             .as_raw_fd();
         let peer = client.local_addr().unwrap();
 
-        let mut stream = settle(stream);
+        let mut stream = stream;
+        settle(&mut stream);
 
         let tcp = stream.as_any().downcast_ref::<TcpStream>().unwrap();
         assert_ne!(
@@ -188,7 +193,8 @@ mod tests {
 
         // On the thread that accepted, as Pingora calls the filter there.
         assert!(Accepting.should_accept(None).await);
-        let stream = settle(stream);
+        let mut stream = stream;
+        settle(&mut stream);
 
         let tcp = stream.as_any().downcast_ref::<TcpStream>().unwrap();
         assert_eq!(tcp.as_raw_fd(), fd);
@@ -203,7 +209,8 @@ mod tests {
         stream.set_socket_digest(digest);
         let fd = stream.as_raw_fd();
 
-        let stream = settle(Box::new(stream));
+        let mut stream: Stream = Box::new(stream);
+        settle(&mut stream);
 
         let tcp = stream.as_any().downcast_ref::<TcpStream>().unwrap();
         assert_eq!(tcp.as_raw_fd(), fd);

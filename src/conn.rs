@@ -12,7 +12,6 @@
 //! ends and is dropped with all its buffers, and the two raw connections are
 //! relayed by [`relay::pump`] on a task of their own.
 
-use crate::accept;
 use crate::admission::ConnectionSlot;
 use crate::config::ServerSettings;
 use crate::gateway::Gateway;
@@ -51,8 +50,8 @@ pub struct Front {
     gateway: Arc<Gateway>,
     /// Upstream connections for upgrades carried by [`handshake`].
     transport: TransportConnector,
-    /// Whether each thread runs an event loop of its own, so that a new
-    /// connection's socket must be moved to the thread serving it.
+    /// Whether each thread runs an event loop of its own, so that a busy
+    /// stream's client socket is moved to the thread serving it.
     settle: bool,
 }
 
@@ -104,11 +103,6 @@ impl ServerApp for Front {
         stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
-        let stream = if self.settle {
-            accept::settle(stream)
-        } else {
-            stream
-        };
         let peer = peer_ip(&*stream);
         // The config is read once here and not kept: a connection may live
         // for hours, and must not pin an old config in memory after reloads.
@@ -157,7 +151,7 @@ impl ServerApp for Front {
                 First::Declined { client, read } => (client, read),
                 First::Done => return None,
                 First::Upgraded { client, handoff } => {
-                    tokio::spawn(carry(client, *handoff, open));
+                    tokio::spawn(carry(client, *handoff, open, self.settle));
                     return None;
                 }
             }
@@ -204,7 +198,7 @@ impl ServerApp for Front {
                     // this one was sized by Pingora for a whole HTTP
                     // exchange (over 8 KB), and would be kept for as long
                     // as the stream lives.
-                    tokio::spawn(carry(client, handoff, open));
+                    tokio::spawn(carry(client, handoff, open, self.settle));
                 }
                 return None;
             }
@@ -248,14 +242,14 @@ impl Front {
 /// Relays a handed-off stream to its end. Its slots go when `handoff` does,
 /// and the connection's when `open` does, however the task ends (a
 /// shutdown drops it).
-async fn carry(mut client: Stream, handoff: Handoff, open: Open) {
+async fn carry(mut client: Stream, handoff: Handoff, open: Open, settle: bool) {
     let Handoff {
         upgraded,
         bounds,
         admitted,
         route,
     } = handoff;
-    let end = relay::pump(&mut client, upgraded, bounds).await;
+    let end = relay::pump(&mut client, upgraded, bounds, settle).await;
     drop((admitted, open));
     tracing::debug!(%route, end = end.as_str(), "stream ended");
 }
