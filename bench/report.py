@@ -181,6 +181,7 @@ bench/run.sh                          # as root on Debian 12; installs nginx and
 HELD=9900 REPEATS=5 bench/run.sh      # larger runs (see the fd note in the analysis)
 cargo bench --bench admission         # the microbenchmarks alone
 bench/costs.sh                        # CPU time, context switches and system calls per upgrade and per message
+BASE=8326c42 bench/costs.sh           # the same, with wsgate built at another revision beside the current tree
 ```
 
 Each load step is one call of the project's load tool, for example:
