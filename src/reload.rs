@@ -65,14 +65,28 @@ pub enum ReloadError {
 pub struct Reloader {
     path: PathBuf,
     gateway: Arc<Gateway>,
-    /// A hash of the last file read, so a directory event that did not
-    /// change the file does not reload it. Also serialises reloads.
-    last_read: Mutex<Option<u64>>,
+    /// What the last read found. Also serialises reloads.
+    last_read: Mutex<LastRead>,
+}
+
+/// What the last read of the config file found, so that directory events
+/// that change nothing for the config do nothing: any file written beside
+/// it raises them too.
+#[derive(Default)]
+struct LastRead {
+    /// A hash of the last text read, so an unchanged file is not reloaded.
+    digest: Option<u64>,
+    /// Why the file could not be read, when it could not: the same failure
+    /// again is not reported again until a read succeeds.
+    unreadable: Option<String>,
 }
 
 impl Reloader {
     pub fn new(path: PathBuf, gateway: Arc<Gateway>) -> Self {
-        let seen = config::read(&path).ok().map(|t| digest(&t));
+        let seen = LastRead {
+            digest: config::read(&path).ok().map(|t| digest(&t)),
+            unreadable: None,
+        };
         Self {
             path,
             gateway,
@@ -81,18 +95,25 @@ impl Reloader {
     }
 
     /// Reads, validates and applies the file. With `FileChange`, a file
-    /// whose text did not change since the last read is left alone.
+    /// whose text did not change since the last read is left alone, and a
+    /// file that cannot be read for the reason already reported is not
+    /// reported again (a signal always reports).
     pub fn reload(&self, trigger: Trigger) -> Result<(), ReloadError> {
         let mut last = self.last_read.lock().unwrap_or_else(|e| e.into_inner());
         let text = config::read(&self.path);
-        if let (Trigger::FileChange, Ok(text)) = (trigger, &text) {
-            if *last == Some(digest(text)) {
-                return Ok(());
+        let unreadable = text.as_ref().err().map(|e| e.to_string());
+        let repeated = unreadable.is_some() && unreadable == last.unreadable;
+        last.unreadable = unreadable;
+        if trigger == Trigger::FileChange {
+            match &text {
+                Ok(text) if last.digest == Some(digest(text)) => return Ok(()),
+                Err(_) if repeated => return Ok(()),
+                _ => {}
             }
         }
 
         let result = text.map_err(ReloadError::from).and_then(|text| {
-            *last = Some(digest(&text));
+            last.digest = Some(digest(&text));
             let new = config::parse(&self.path, &text)?;
             let running = self.gateway.snapshot();
             if let Some(field) = needs_restart(&running.config, &new) {

@@ -300,6 +300,37 @@ async fn every_trigger_reloads_in_place_by_rename_by_symlink_and_by_signal() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_config_that_cannot_be_read_is_reported_once_however_many_events_follow() {
+    let up = Upstream::start().await;
+    let gw = Wsgate::start(&routes(&up, Some(10), "")).await;
+    let before = gw.reloads("failure").await;
+
+    std::fs::remove_file(&gw.config_path).unwrap();
+    gw.wait_reloads("failure", before + 1.0).await;
+
+    // A file kept beside the config (a log, say) raises events in the
+    // watched directory, and each has the config read again. The writes are
+    // paced past the watcher's debounce so that each is a read of its own.
+    let beside = gw.dir.path().join("beside.log");
+    for i in 0..4 {
+        std::fs::write(&beside, format!("line {i}\n")).unwrap();
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+
+    // Reloads run one after another: once the restored file is applied,
+    // every earlier event has been handled.
+    std::fs::write(&gw.config_path, gw.config_text(&routes(&up, Some(11), ""))).unwrap();
+    wait_limit(&gw, 11.0, "the file coming back").await;
+    assert_eq!(gw.reloads("failure").await, before + 1.0, "{}", gw.log());
+    assert_eq!(
+        gw.log().matches("config reload refused").count(),
+        1,
+        "{}",
+        gw.log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_change_that_needs_a_restart_is_refused_by_name() {
     let up = Upstream::start().await;
     let gw = Wsgate::start(&routes(&up, Some(10), "")).await;
