@@ -131,6 +131,15 @@ pub(crate) mod tests {
     use std::time::Duration;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+    /// The descriptor under a plain stream.
+    pub(crate) fn fd(stream: &Stream) -> i32 {
+        stream
+            .as_any()
+            .downcast_ref::<TcpStream>()
+            .unwrap()
+            .as_raw_fd()
+    }
+
     /// A connected pair: Pingora's stream of the accepted side, as its
     /// listener makes it, and the client's end.
     pub(crate) async fn pair() -> (Stream, tokio::net::TcpStream) {
@@ -147,21 +156,15 @@ pub(crate) mod tests {
 
     #[tokio::test]
     async fn a_settled_connection_keeps_its_peer_and_its_bytes() {
-        let (stream, mut client) = pair().await;
-        let fd = stream
-            .as_any()
-            .downcast_ref::<TcpStream>()
-            .unwrap()
-            .as_raw_fd();
+        let (mut stream, mut client) = pair().await;
+        let before = fd(&stream);
         let peer = client.local_addr().unwrap();
 
-        let mut stream = stream;
         settle(&mut stream);
 
-        let tcp = stream.as_any().downcast_ref::<TcpStream>().unwrap();
         assert_ne!(
-            tcp.as_raw_fd(),
-            fd,
+            fd(&stream),
+            before,
             "a new descriptor serves the connection"
         );
         let seen = stream.get_socket_digest().unwrap().peer_addr().cloned();
@@ -184,20 +187,14 @@ pub(crate) mod tests {
 
     #[tokio::test]
     async fn the_accepting_thread_keeps_its_connections() {
-        let (stream, _client) = pair().await;
-        let fd = stream
-            .as_any()
-            .downcast_ref::<TcpStream>()
-            .unwrap()
-            .as_raw_fd();
+        let (mut stream, _client) = pair().await;
+        let before = fd(&stream);
 
         // On the thread that accepted, as Pingora calls the filter there.
         assert!(Accepting.should_accept(None).await);
-        let mut stream = stream;
         settle(&mut stream);
 
-        let tcp = stream.as_any().downcast_ref::<TcpStream>().unwrap();
-        assert_eq!(tcp.as_raw_fd(), fd);
+        assert_eq!(fd(&stream), before);
     }
 
     #[tokio::test]
@@ -207,13 +204,12 @@ pub(crate) mod tests {
         let digest = SocketDigest::from_raw_fd(stream.as_raw_fd());
         digest.peer_addr.set(None).unwrap();
         stream.set_socket_digest(digest);
-        let fd = stream.as_raw_fd();
-
         let mut stream: Stream = Box::new(stream);
+        let before = fd(&stream);
+
         settle(&mut stream);
 
-        let tcp = stream.as_any().downcast_ref::<TcpStream>().unwrap();
-        assert_eq!(tcp.as_raw_fd(), fd);
+        assert_eq!(fd(&stream), before);
     }
 
     #[tokio::test]

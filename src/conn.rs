@@ -60,8 +60,8 @@ impl Front {
         proxy: HttpProxy<Proxy>,
         gateway: Arc<Gateway>,
         transport: TransportConnector,
+        settle: bool,
     ) -> Self {
-        let settle = !gateway.snapshot().config.server.work_stealing;
         Self {
             proxy: Arc::new(proxy),
             gateway,

@@ -514,18 +514,8 @@ impl Direction {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::accept::tests::pair;
-    use pingora::protocols::l4::stream::Stream as TcpStream;
-    use std::os::fd::AsRawFd;
+    use crate::accept::tests::{fd, pair};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-    fn fd(stream: &Stream) -> i32 {
-        stream
-            .as_any()
-            .downcast_ref::<TcpStream>()
-            .unwrap()
-            .as_raw_fd()
-    }
 
     /// Relays `messages` round trips through `pump` and ends the stream from
     /// the client; returns whether the client socket was moved.

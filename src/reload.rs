@@ -103,6 +103,11 @@ impl Reloader {
         let text = config::read(&self.path);
         let unreadable = text.as_ref().err().map(|e| e.to_string());
         let repeated = unreadable.is_some() && unreadable == last.unreadable;
+        if unreadable.is_some() {
+            // The refusal is what was last reported: the file coming back
+            // as it was must be applied and reported too.
+            last.digest = None;
+        }
         last.unreadable = unreadable;
         if trigger == Trigger::FileChange {
             match &text {

@@ -122,6 +122,9 @@ pub fn build(config: Config, options: RunOptions) -> anyhow::Result<(Server, Arc
     let gateway = Gateway::new(config.clone()).context("applying the config")?;
     let connect = ConnectorOptions::from_server_conf(&server.configuration);
     let connector = Connector::new(Some(connect.clone()));
+    // With a runtime per thread, sockets are moved to the thread serving
+    // them (see `accept`); with one shared runtime there is nowhere to move.
+    let settle = !config.server.work_stealing;
     let front = Front::new(
         pingora_proxy::http_proxy(
             &server.configuration,
@@ -129,9 +132,10 @@ pub fn build(config: Config, options: RunOptions) -> anyhow::Result<(Server, Arc
         ),
         gateway.clone(),
         TransportConnector::new(Some(connect)),
+        settle,
     );
     let mut listeners = Listeners::new();
-    if !config.server.work_stealing {
+    if settle {
         listeners.set_pre_tls_callback(Arc::new(SettleBeforeTls));
     }
     let mut sock = TcpSocketOptions::default();
@@ -156,7 +160,9 @@ pub fn build(config: Config, options: RunOptions) -> anyhow::Result<(Server, Arc
         listeners.add_listener(endpoint);
     }
     let mut proxy = Service::with_listeners("wsgate proxy".to_string(), listeners, front);
-    proxy.set_connection_filter(Arc::new(Accepting));
+    if settle {
+        proxy.set_connection_filter(Arc::new(Accepting));
+    }
 
     let mut admin = Service::new("wsgate admin".to_string(), Admin::new(gateway.clone()));
     admin.add_tcp(&config.admin.to_string());

@@ -328,6 +328,20 @@ async fn a_config_that_cannot_be_read_is_reported_once_however_many_events_follo
         "{}",
         gw.log()
     );
+
+    // Gone again, and back exactly as it was: the refusal was the last word,
+    // so the same text is applied again and the failure cleared.
+    let text = std::fs::read_to_string(&gw.config_path).unwrap();
+    std::fs::remove_file(&gw.config_path).unwrap();
+    gw.wait_reloads("failure", before + 2.0).await;
+    let successes = gw.reloads("success").await;
+    std::fs::write(&gw.config_path, text).unwrap();
+    gw.wait_reloads("success", successes + 1.0).await;
+    let last = gw
+        .metrics()
+        .await
+        .get("wsgate_config_last_reload_success", &[]);
+    assert_eq!(last, 1.0, "{}", gw.log());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
