@@ -354,14 +354,16 @@ pub async fn pump(client: &mut Stream, up: Upgraded, bounds: Bounds, settle: boo
         End::ClientError,
     );
 
-    let mut busy = if settle { SETTLE_AFTER } else { 0 };
+    // Wake-ups that moved bytes still to come before the client socket is
+    // moved, while a move is to be made.
+    let mut to_settle = settle.then_some(SETTLE_AFTER);
 
     let end = std::future::poll_fn(|cx| {
         // Moved before the sides are polled, so the new registration is the
         // one their wakers go to.
-        if busy == 1 {
+        if to_settle == Some(0) {
             accept::settle(client);
-            busy = 0;
+            to_settle = None;
         }
         let mut scratch = [MaybeUninit::<u8>::uninit(); SCRATCH];
         if let Poll::Ready(end) = up_dir.poll(cx, client, &mut upstream, &mut scratch) {
@@ -372,7 +374,9 @@ pub async fn pump(client: &mut Stream, up: Upgraded, bounds: Bounds, settle: boo
         }
         if std::mem::take(&mut up_dir.moved) | std::mem::take(&mut down_dir.moved) {
             last_moved = TokioInstant::now();
-            busy = busy.saturating_sub(1);
+            if let Some(left) = &mut to_settle {
+                *left = left.saturating_sub(1);
+            }
         }
         if expiry.as_mut().poll(cx).is_ready() {
             return Poll::Ready(End::MaxLifetime);
