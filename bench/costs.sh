@@ -86,8 +86,9 @@ command -v strace >/dev/null || need+=(strace)
 command -v jq >/dev/null || need+=(jq)
 if [ ${#need[@]} -gt 0 ]; then
     log "installing ${need[*]} from Debian's packages"
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"
+    # Its output goes with the log, not into the tables on stdout.
+    apt-get update -qq >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >&2
 fi
 
 # The base revision first, in a worktree sharing the target directory (so

@@ -13,8 +13,7 @@
 //! before its handshake, and a plain one by [`settle`] once the relay finds
 //! its stream busy: the move costs a few system calls, which a connection
 //! that ends after its handshake would pay for nothing. Plain HTTP
-//! exchanges stay where they were accepted. This module holds the crate's
-//! one `unsafe` block.
+//! exchanges stay where they were accepted.
 
 use async_trait::async_trait;
 use pingora::listeners::{ConnectionFilter, PreTlsProcess};

@@ -1,9 +1,9 @@
 //! wsgate: an admission gateway for WebSocket upstreams, built on Pingora.
 //!
 //! Modules in the order a request meets them: `config` says what is allowed
-//! (`pem` checks the TLS files it names); `accept` keeps each new socket on
-//! the thread that serves it; `conn` is the front door that owns
-//! each connection, and `handshake` carries a connection's first request
+//! (`pem` checks the TLS files it names); `listen` binds the listening
+//! sockets; `accept` keeps each new socket on the thread that serves it;
+//! `conn` is the front door that owns each connection, and `handshake` carries a connection's first request
 //! there when it is a plain WebSocket upgrade, `proxy` hooks into Pingora
 //! for everything else; `request` tells a stream from plain HTTP, `route`
 //! finds the route and its key, `client` names the client, `stream` is what
@@ -22,6 +22,7 @@ pub mod config;
 pub mod conn;
 pub mod gateway;
 pub mod handshake;
+pub mod listen;
 pub mod metrics;
 pub mod pem;
 pub mod proxy;

@@ -6,6 +6,7 @@ use crate::admin::Admin;
 use crate::config::{AfterUpgrade, Config, Keepalive};
 use crate::conn::Front;
 use crate::gateway::Gateway;
+use crate::listen::Listening;
 use crate::proxy::Proxy;
 use crate::reload::{ReloadService, Reloader};
 use crate::upgrade::PreviousWatch;
@@ -56,7 +57,7 @@ pub fn keepalive(k: &Keepalive) -> TcpKeepalive {
         interval: k.interval,
         count: k.count,
         #[cfg(target_os = "linux")]
-        user_timeout: k.idle + k.interval * k.count as u32,
+        user_timeout: crate::listen::user_timeout(k),
     }
 }
 
@@ -138,11 +139,11 @@ pub fn build(config: Config, options: RunOptions) -> anyhow::Result<(Server, Arc
     if settle {
         listeners.set_pre_tls_callback(Arc::new(SettleBeforeTls));
     }
-    let mut sock = TcpSocketOptions::default();
-    sock.tcp_keepalive = config.server.tcp_keepalive.as_ref().map(keepalive);
+    // No socket options of Pingora's own: the keepalive is set once on each
+    // listening socket, by `Listening`, for accepted sockets to inherit.
     for listener in &config.listeners {
         let mut endpoint = ListenerConfig::tcp(listener.address.clone())
-            .tcp_socket_options(sock.clone())
+            .tcp_socket_options(TcpSocketOptions::default())
             .l4_buffer(L4_BUFFER);
         if let Some((cert, key)) = &listener.tls {
             let cert = cert.display().to_string();
@@ -163,6 +164,8 @@ pub fn build(config: Config, options: RunOptions) -> anyhow::Result<(Server, Arc
     if settle {
         proxy.set_connection_filter(Arc::new(Accepting));
     }
+    let addresses = config.listeners.iter().map(|l| l.address.clone()).collect();
+    let proxy = Listening::new(proxy, addresses, config.server.tcp_keepalive);
 
     let mut admin = Service::new("wsgate admin".to_string(), Admin::new(gateway.clone()));
     admin.add_tcp(&config.admin.to_string());

@@ -308,3 +308,107 @@ async fn wait_connections(gw: &Wsgate, n: u32, what: &str) {
     })
     .await;
 }
+
+/// The keepalive timer of the TCP socket from `local` to `remote`, as
+/// `/proc/net/tcp` shows it: the time left, or `None` if none is running.
+fn keepalive_timer(local: SocketAddr, remote: SocketAddr) -> Option<Duration> {
+    // Addresses as the kernel prints them: the IPv4 address as a native
+    // (here little-endian) word, then the port, both in hex.
+    let spell = |a: SocketAddr| match a {
+        SocketAddr::V4(a) => format!(
+            "{:08X}:{:04X}",
+            u32::from_le_bytes(a.ip().octets()),
+            a.port()
+        ),
+        SocketAddr::V6(_) => unreachable!("the tests listen on IPv4 loopback"),
+    };
+    let (local, remote) = (spell(local), spell(remote));
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    let line = table.lines().skip(1).find(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        f[1] == local && f[2] == remote
+    });
+    let line = line.unwrap_or_else(|| panic!("no socket from {local} to {remote}"));
+    // `tr:when`: timer 2 is the keepalive timer, `when` in clock ticks.
+    let timer = line.split_whitespace().nth(5).unwrap();
+    let (kind, when) = timer.split_once(':').unwrap();
+    let ticks = u64::from_str_radix(when, 16).unwrap();
+    (kind == "02").then(|| Duration::from_millis(ticks * 10))
+}
+
+/// The client end of a plain WebSocket.
+fn local_addr(ws: &Ws) -> SocketAddr {
+    match ws.get_ref() {
+        tokio_tungstenite::MaybeTlsStream::Plain(s) => s.local_addr().unwrap(),
+        _ => unreachable!("a plain WebSocket"),
+    }
+}
+
+/// wsgate's upstream socket of the one stream open to `up`.
+fn upstream_socket(up: SocketAddr) -> SocketAddr {
+    let spell = format!(
+        "{:08X}:{:04X}",
+        u32::from_le_bytes([127, 0, 0, 1]),
+        up.port()
+    );
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    let mut from = table.lines().skip(1).filter_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        // Established (state 01) connections to the upstream.
+        (f[2] == spell && f[3] == "01").then(|| f[1].to_string())
+    });
+    let local = from.next().expect("a connection to the upstream");
+    assert!(from.next().is_none(), "one connection to the upstream");
+    let (ip, port) = local.split_once(':').unwrap();
+    let ip = u32::from_str_radix(ip, 16).unwrap().to_le_bytes();
+    SocketAddr::from((ip, u16::from_str_radix(port, 16).unwrap()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_sockets_of_a_stream_keep_alive_as_configured() {
+    let up = Upstream::start().await;
+    let gw = Wsgate::start_with_server(
+        "  tcp_keepalive: {idle: 30s, interval: 5s, count: 3}\n",
+        &route(up.addr),
+    )
+    .await;
+
+    let mut ws = connect(&gw.url("/ws")).await.into_open();
+    echo(&mut ws, "idle from here on").await;
+    let client = local_addr(&ws);
+    let within = |t: Option<Duration>, max: u64| {
+        t.is_some_and(|t| t > Duration::from_secs(max - 15) && t <= Duration::from_secs(max))
+    };
+    eventually(
+        Duration::from_secs(10),
+        "keepalive on both sockets",
+        || async {
+            let accepted = keepalive_timer(gw.addr, client);
+            let upstream = keepalive_timer(upstream_socket(up.addr), up.addr);
+            (within(accepted, 30) && within(upstream, 30)).then_some(())
+        },
+    )
+    .await;
+
+    // A new process takes the listening socket over with its own settings:
+    // the accepted sockets inherit those.
+    let config = std::fs::read_to_string(&gw.config_path).unwrap();
+    std::fs::write(&gw.config_path, config.replace("idle: 30s", "idle: 120s")).unwrap();
+    let successor = gw.upgrade().await;
+    let fresh = TcpStream::connect(gw.addr).await.unwrap();
+    let timer = keepalive_timer(gw.addr, fresh.local_addr().unwrap());
+    assert!(within(timer, 120), "{timer:?}; {}", successor.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_keepalive_neither_socket_of_a_stream_has_a_timer() {
+    let up = Upstream::start().await;
+    let gw = Wsgate::start_with_server("  tcp_keepalive: false\n", &route(up.addr)).await;
+
+    let mut ws = connect(&gw.url("/ws")).await.into_open();
+    echo(&mut ws, "idle from here on").await;
+
+    let upstream = upstream_socket(up.addr);
+    assert_eq!(keepalive_timer(gw.addr, local_addr(&ws)), None);
+    assert_eq!(keepalive_timer(upstream, up.addr), None);
+}
