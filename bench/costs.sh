@@ -6,22 +6,25 @@
 # Targets: `wsgate`, `wsgate_via_pingora` (the same with
 # `server.own_handshake: false`: every upgrade through Pingora's HTTP
 # proxy), `wsgate_stealing` (the same with `server.work_stealing: true`),
-# `pingora` (examples/bare_pingora.rs, Pingora 0.9 with its defaults) and
-# `nginx`, each with 2 workers in front of the same echo upstream. For each target and load: a warm-up, REPEATS runs with the CPU
-# time and context switches of the proxy's threads read from /proc before
-# and after, then one run under `strace -c -f` (slowed by strace; only its
-# counts are used). Prints two Markdown tables, and how the echo runs' CPU
-# fell on the proxy's two busiest threads.
+# `wsgate_no_keepalive` (the same with `server.tcp_keepalive: false`, as
+# nginx's config here has none), `pingora` (examples/bare_pingora.rs,
+# Pingora 0.9 with its defaults) and `nginx`, each with 2 workers in front
+# of the same echo upstream. For each target and load: a warm-up, REPEATS
+# runs with the CPU time and context switches of the proxy's threads read
+# from /proc before and after, then one run under `strace -c -f` (slowed by
+# strace; only its counts are used). Prints two Markdown tables, and how the
+# echo runs' CPU fell on the proxy's two busiest threads.
 #
 # Usage: bench/costs.sh        (as root on Debian, for apt-get and strace)
-# Knobs: TARGETS="wsgate wsgate_via_pingora wsgate_stealing pingora nginx"
+# Knobs: TARGETS="wsgate wsgate_via_pingora wsgate_stealing wsgate_no_keepalive
+#                 pingora nginx"
 #        REPEATS=3 SECS=4s CONC=32 ECHO_CONNS=50
 #        BASE=<git revision>: also measure wsgate as built from that
 #        revision, with the same config, right after `wsgate` (target
 #        `base`, shown as `wsgate@<revision>`), to show a change side by side.
 set -euo pipefail
 
-TARGETS=${TARGETS:-wsgate wsgate_via_pingora wsgate_stealing pingora nginx}
+TARGETS=${TARGETS:-wsgate wsgate_via_pingora wsgate_stealing wsgate_no_keepalive pingora nginx}
 BASE=${BASE:-}
 if [ -n "$BASE" ] && [[ " $TARGETS " != *" base "* ]]; then
     TARGETS=${TARGETS/wsgate /wsgate base }
@@ -114,14 +117,18 @@ TICK=$(getconf CLK_TCK)
 # --- configs: bench/run.sh's, measured on /ws -------------------------------------
 UP=$(free_port); WG=$(free_port); WG_ADMIN=$(free_port); NG=$(free_port); BP=$(free_port)
 WS=$(free_port); WS_ADMIN=$(free_port); WV=$(free_port); WV_ADMIN=$(free_port)
+WK=$(free_port); WK_ADMIN=$(free_port)
 write_wsgate_config "$WORK/wsgate.yaml" "$WG" "$WG_ADMIN" "$UP"
 write_wsgate_config "$WORK/stealing.yaml" "$WS" "$WS_ADMIN" "$UP" "  work_stealing: true
 "
 "$WSGATE" check --config "$WORK/wsgate.yaml" >&2
 write_wsgate_config "$WORK/via_pingora.yaml" "$WV" "$WV_ADMIN" "$UP" "  own_handshake: false
 "
+write_wsgate_config "$WORK/no_keepalive.yaml" "$WK" "$WK_ADMIN" "$UP" "  tcp_keepalive: false
+"
 "$WSGATE" check --config "$WORK/stealing.yaml" >&2
 "$WSGATE" check --config "$WORK/via_pingora.yaml" >&2
+"$WSGATE" check --config "$WORK/no_keepalive.yaml" >&2
 write_nginx_config "$WORK" "$NG" "$UP"
 
 "$ECHO" "127.0.0.1:$UP" >"$WORK/echo.log" 2>&1 &
@@ -199,6 +206,9 @@ for target in $TARGETS; do
             PID=$! ;;
         wsgate_via_pingora) PORT=$WV
             WSGATE_LOG=warn "$WSGATE" --config "$WORK/via_pingora.yaml" >>"$WORK/via_pingora.log" 2>&1 &
+            PID=$! ;;
+        wsgate_no_keepalive) PORT=$WK
+            WSGATE_LOG=warn "$WSGATE" --config "$WORK/no_keepalive.yaml" >>"$WORK/no_keepalive.log" 2>&1 &
             PID=$! ;;
         pingora) PORT=$BP
             "$BARE" "127.0.0.1:$BP" "127.0.0.1:$UP" 2 >>"$WORK/pingora.log" 2>&1 &
