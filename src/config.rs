@@ -565,6 +565,12 @@ const MAX_HEAD_BYTES: usize = 1024 * 1024;
 /// High enough for a large NAT; trusted proxies and exempt clients are not
 /// capped at all.
 pub const DEFAULT_CONNECTIONS_PER_CLIENT: u32 = 1000;
+/// Linux's bounds on a keepalive's idle time and interval, and its probes.
+const MAX_KEEPALIVE_SECS: u64 = 32767;
+const MAX_KEEPALIVE_PROBES: usize = 127;
+/// The largest TCP user timeout Linux takes, in whole seconds (it is an
+/// `int` of milliseconds).
+const MAX_USER_TIMEOUT: Duration = Duration::from_secs(i32::MAX as u64 / 1000);
 pub const DEFAULT_KEEPALIVE: Keepalive = Keepalive {
     idle: Duration::from_secs(60),
     interval: Duration::from_secs(10),
@@ -715,6 +721,40 @@ impl Checker<'_> {
             .map(|i| i + 1)
     }
 
+    /// Keepalive settings the kernel takes: it refuses the socket option
+    /// outside these ranges, and so would every upstream connection.
+    fn keepalive(&mut self, k: &Keepalive) {
+        let line = self.line_of_key("tcp_keepalive");
+        for (field, d) in [("idle", k.idle), ("interval", k.interval)] {
+            if d.subsec_nanos() != 0 || !(1..=MAX_KEEPALIVE_SECS).contains(&d.as_secs()) {
+                self.problem(
+                    line,
+                    format!("server.tcp_keepalive.{field}"),
+                    format!(
+                        "{} must be whole seconds from 1s to {MAX_KEEPALIVE_SECS}s",
+                        humantime::format_duration(d)
+                    ),
+                );
+            }
+        }
+        if !(1..=MAX_KEEPALIVE_PROBES).contains(&k.count) {
+            self.problem(
+                line,
+                "server.tcp_keepalive.count",
+                format!("{} is outside 1..={MAX_KEEPALIVE_PROBES}", k.count),
+            );
+        } else if crate::listen::user_timeout(k) > MAX_USER_TIMEOUT {
+            self.problem(
+                line,
+                "server.tcp_keepalive",
+                format!(
+                    "idle + interval × count must be at most {} (the TCP user timeout)",
+                    humantime::format_duration(MAX_USER_TIMEOUT)
+                ),
+            );
+        }
+    }
+
     fn convert(&mut self, path: &Path, raw: FileConfig) -> Option<Config> {
         let listeners = self.listeners(&raw.listen);
         let admin = match raw.admin.address.parse::<SocketAddr>() {
@@ -848,6 +888,9 @@ impl Checker<'_> {
                 count: s.count.unwrap_or(DEFAULT_KEEPALIVE.count),
             }),
         };
+        if let Some(k) = &tcp_keepalive {
+            self.keepalive(k);
+        }
         let head_timeout = raw.head_timeout.map_or(DEFAULT_HEAD_TIMEOUT, |d| d.0);
         if head_timeout.is_zero() {
             let line = ["0s", "0", "off"]

@@ -12,12 +12,13 @@
 //! settings the same way.
 
 use async_trait::async_trait;
-use pingora::server::{Fds, ListenFds, ShutdownWatch};
+use pingora::server::{Fds, ListenFds, RuntimeOpts, ShutdownWatch};
 use pingora::services::Service;
 use socket2::{Domain, SockRef, Socket, TcpKeepalive, Type};
 use std::io;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::os::fd::{AsFd, BorrowedFd, IntoRawFd};
+use std::time::Duration;
 
 use crate::config::Keepalive;
 
@@ -91,6 +92,14 @@ impl<S: Service> Service for Listening<S> {
         self.inner.threads()
     }
 
+    fn runtime_opts_override(&self, global: &RuntimeOpts) -> Option<RuntimeOpts> {
+        self.inner.runtime_opts_override(global)
+    }
+
+    fn on_startup_delay(&self, time_waited: Duration) {
+        self.inner.on_startup_delay(time_waited)
+    }
+
     fn listen_addresses(&self) -> Option<Vec<String>> {
         self.inner.listen_addresses()
     }
@@ -100,9 +109,10 @@ impl<S: Service> Service for Listening<S> {
 fn listener<'t>(table: &'t Fds, address: &str) -> Option<BorrowedFd<'t>> {
     let fd = *table.get(address)?;
     #[allow(unsafe_code)]
-    // SAFETY: the table owns its descriptors, all open listening sockets,
-    // and closes one only through `&mut` (or after sending it on at
-    // shutdown), so none closes while the table is borrowed.
+    // SAFETY: the table's descriptors are open listening sockets. Pingora
+    // closes one through `&mut Fds` only, or once a service's listener has
+    // taken it over, which `prepare` comes before: none closes while the
+    // table is borrowed here.
     let fd = unsafe { BorrowedFd::borrow_raw(fd) };
     Some(fd)
 }
@@ -152,7 +162,7 @@ pub fn set_keepalive(fd: BorrowedFd<'_>, keepalive: Option<&Keepalive>) -> io::R
 
 /// How long a peer may go unheard (or leave data unacknowledged) before
 /// the connection is dropped: the idle time and every probe.
-pub fn user_timeout(k: &Keepalive) -> std::time::Duration {
+pub fn user_timeout(k: &Keepalive) -> Duration {
     k.idle + k.interval * u32::try_from(k.count).unwrap_or(u32::MAX)
 }
 
@@ -160,7 +170,6 @@ pub fn user_timeout(k: &Keepalive) -> std::time::Duration {
 mod tests {
     use super::*;
     use std::sync::Arc;
-    use std::time::Duration;
 
     const KEEPALIVE: Keepalive = Keepalive {
         idle: Duration::from_secs(61),

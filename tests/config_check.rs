@@ -106,6 +106,24 @@ fn each_bad_file_gives_its_one_line_and_exit_1() {
             "bad.yaml:4: server.head_timeout: must be longer than 0s",
         ),
         (
+            "keepalive the kernel would refuse",
+            "routes:\n",
+            "server:\n  tcp_keepalive: {idle: 500ms}\nroutes:\n",
+            "bad.yaml:4: server.tcp_keepalive.idle: 500ms must be whole seconds from 1s to 32767s",
+        ),
+        (
+            "no keepalive probes",
+            "routes:\n",
+            "server:\n  tcp_keepalive:\n    count: 0\nroutes:\n",
+            "bad.yaml:4: server.tcp_keepalive.count: 0 is outside 1..=127",
+        ),
+        (
+            "a keepalive longer than the user timeout can be",
+            "routes:\n",
+            "server:\n  tcp_keepalive: {idle: 32767s, interval: 32767s, count: 127}\nroutes:\n",
+            "bad.yaml:4: server.tcp_keepalive: idle + interval × count must be at most 24days 20h 31m 23s (the TCP user timeout)",
+        ),
+        (
             "no connections",
             "routes:\n",
             "limits:\n  connections_per_client: 0\nroutes:\n",
