@@ -725,8 +725,10 @@ impl Checker<'_> {
     /// outside these ranges, and so would every upstream connection.
     fn keepalive(&mut self, k: &Keepalive) {
         let line = self.line_of_key("tcp_keepalive");
+        let mut in_range = true;
         for (field, d) in [("idle", k.idle), ("interval", k.interval)] {
             if d.subsec_nanos() != 0 || !(1..=MAX_KEEPALIVE_SECS).contains(&d.as_secs()) {
+                in_range = false;
                 self.problem(
                     line,
                     format!("server.tcp_keepalive.{field}"),
@@ -743,7 +745,7 @@ impl Checker<'_> {
                 "server.tcp_keepalive.count",
                 format!("{} is outside 1..={MAX_KEEPALIVE_PROBES}", k.count),
             );
-        } else if crate::listen::user_timeout(k) > MAX_USER_TIMEOUT {
+        } else if in_range && crate::listen::user_timeout(k) > MAX_USER_TIMEOUT {
             self.problem(
                 line,
                 "server.tcp_keepalive",

@@ -46,16 +46,22 @@ impl<S: Service> Listening<S> {
 
     /// Puts a socket for each address into `fds`: one inherited from a
     /// previous process gets this process's keepalive, a missing one is
-    /// bound with it. An address that cannot be bound now is left out, for
-    /// Pingora to bind and report as it would have (its accepted sockets
-    /// then have no keepalive, which is logged).
-    fn prepare(&self, fds: &ListenFds) {
-        let mut table = fds.lock();
+    /// bound with it. An address in use is tried again once a second, up
+    /// to `retries` times, as Pingora does for its own (a process handing
+    /// over may hold it a few seconds more). One that still cannot be bound
+    /// is left out, for Pingora to bind and report as it would have; its
+    /// accepted sockets then have no keepalive, which is logged.
+    async fn prepare(&self, fds: &ListenFds, retries: u32) {
         for address in &self.addresses {
-            let result = match listener(&table, address) {
-                Some(fd) => set_keepalive(fd, self.keepalive.as_ref()),
-                None => bind(address, self.keepalive.as_ref())
-                    .map(|socket| table.add(address.clone(), socket.into_raw_fd())),
+            let inherited = {
+                let table = fds.lock();
+                listener(&table, address).map(|fd| set_keepalive(fd, self.keepalive.as_ref()))
+            };
+            let result = match inherited {
+                Some(result) => result,
+                None => bind_retrying(address, self.keepalive.as_ref(), retries)
+                    .await
+                    .map(|socket| fds.lock().add(address.clone(), socket.into_raw_fd())),
             };
             if let Err(e) = result {
                 tracing::error!(
@@ -64,6 +70,28 @@ impl<S: Service> Listening<S> {
                     "cannot prepare the listening socket; its connections get no TCP keepalive"
                 );
             }
+        }
+    }
+}
+
+/// How many times, a second apart, an address in use is tried again:
+/// Pingora's own bound.
+const BIND_RETRIES: u32 = 30;
+
+async fn bind_retrying(
+    address: &str,
+    keepalive: Option<&Keepalive>,
+    retries: u32,
+) -> io::Result<Socket> {
+    let mut tries = 0;
+    loop {
+        match bind(address, keepalive) {
+            Err(e) if e.kind() == io::ErrorKind::AddrInUse && tries < retries => {
+                tries += 1;
+                tracing::warn!(%address, "address in use; trying again in a second");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            result => return result,
         }
     }
 }
@@ -77,7 +105,7 @@ impl<S: Service> Service for Listening<S> {
         listeners_per_fd: usize,
     ) {
         if let Some(fds) = &fds {
-            self.prepare(fds);
+            self.prepare(fds, BIND_RETRIES).await;
         }
         self.inner
             .start_service(fds, shutdown, listeners_per_fd)
@@ -163,7 +191,8 @@ pub fn set_keepalive(fd: BorrowedFd<'_>, keepalive: Option<&Keepalive>) -> io::R
 /// How long a peer may go unheard (or leave data unacknowledged) before
 /// the connection is dropped: the idle time and every probe.
 pub fn user_timeout(k: &Keepalive) -> Duration {
-    k.idle + k.interval * u32::try_from(k.count).unwrap_or(u32::MAX)
+    let count = u32::try_from(k.count).unwrap_or(u32::MAX);
+    k.interval.saturating_mul(count).saturating_add(k.idle)
 }
 
 #[cfg(test)]
@@ -252,8 +281,8 @@ mod tests {
         assert_eq!(user_timeout, None);
     }
 
-    #[test]
-    fn a_missing_address_is_bound_into_the_table() {
+    #[tokio::test]
+    async fn a_missing_address_is_bound_into_the_table() {
         let address = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -261,7 +290,9 @@ mod tests {
             .to_string();
         let fds = table();
 
-        Listening::new(Nothing, vec![address.clone()], Some(KEEPALIVE)).prepare(&fds);
+        Listening::new(Nothing, vec![address.clone()], Some(KEEPALIVE))
+            .prepare(&fds, 0)
+            .await;
 
         let listener = listener_in(&fds, &address);
         assert_eq!(
@@ -278,8 +309,8 @@ mod tests {
         close(&fds);
     }
 
-    #[test]
-    fn an_inherited_socket_takes_this_processs_keepalive() {
+    #[tokio::test]
+    async fn an_inherited_socket_takes_this_processs_keepalive() {
         let fds = table();
         let inherited = bind("127.0.0.1:0", None).unwrap();
         let address = inherited
@@ -290,27 +321,54 @@ mod tests {
             .to_string();
         fds.lock().add(address.clone(), inherited.into_raw_fd());
 
-        Listening::new(Nothing, vec![address.clone()], Some(KEEPALIVE)).prepare(&fds);
+        Listening::new(Nothing, vec![address.clone()], Some(KEEPALIVE))
+            .prepare(&fds, 0)
+            .await;
         let (accepted, _client) = accept(&listener_in(&fds, &address));
         assert_eq!(keepalive_of(accepted.as_fd()), configured());
 
         // And a config without keepalive turns it off again.
-        Listening::new(Nothing, vec![address.clone()], None).prepare(&fds);
+        Listening::new(Nothing, vec![address.clone()], None)
+            .prepare(&fds, 0)
+            .await;
         let (accepted, _client) = accept(&listener_in(&fds, &address));
         assert!(!keepalive_of(accepted.as_fd()).0);
 
         close(&fds);
     }
 
-    #[test]
-    fn an_address_that_cannot_be_bound_is_left_to_pingora() {
+    #[tokio::test]
+    async fn an_address_that_cannot_be_bound_is_left_to_pingora() {
         let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let address = taken.local_addr().unwrap().to_string();
         let fds = table();
 
-        Listening::new(Nothing, vec![address.clone()], Some(KEEPALIVE)).prepare(&fds);
+        Listening::new(Nothing, vec![address.clone()], Some(KEEPALIVE))
+            .prepare(&fds, 0)
+            .await;
 
         assert!(fds.lock().get(&address).is_none());
+    }
+
+    #[tokio::test]
+    async fn an_address_freed_while_retrying_is_bound_with_keepalive() {
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = taken.local_addr().unwrap().to_string();
+        let fds = table();
+
+        // Held past the first try, as by a process still handing over.
+        let freed = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            drop(taken);
+        });
+        Listening::new(Nothing, vec![address.clone()], Some(KEEPALIVE))
+            .prepare(&fds, 5)
+            .await;
+        freed.join().unwrap();
+
+        let (accepted, _client) = accept(&listener_in(&fds, &address));
+        assert_eq!(keepalive_of(accepted.as_fd()), configured());
+        close(&fds);
     }
 
     struct Nothing;

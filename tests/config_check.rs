@@ -112,6 +112,12 @@ fn each_bad_file_gives_its_one_line_and_exit_1() {
             "bad.yaml:4: server.tcp_keepalive.idle: 500ms must be whole seconds from 1s to 32767s",
         ),
         (
+            "a keepalive interval past any clock",
+            "routes:\n",
+            "server:\n  tcp_keepalive: {interval: 18446744073709551615s}\nroutes:\n",
+            "bad.yaml:4: server.tcp_keepalive.interval: 584542046090years 7months 15days 17h 5m 3s must be whole seconds from 1s to 32767s",
+        ),
+        (
             "no keepalive probes",
             "routes:\n",
             "server:\n  tcp_keepalive:\n    count: 0\nroutes:\n",
