@@ -148,7 +148,7 @@ fn listener<'t>(table: &'t Fds, address: &str) -> Option<BorrowedFd<'t>> {
 /// A listening socket for `address`, bound as Pingora binds its own
 /// (`SO_REUSEADDR`, the first address the name resolves to, non-blocking)
 /// and with `keepalive` set before it listens.
-pub fn bind(address: &str, keepalive: Option<&Keepalive>) -> io::Result<Socket> {
+fn bind(address: &str, keepalive: Option<&Keepalive>) -> io::Result<Socket> {
     let addr: SocketAddr = address.to_socket_addrs()?.next().ok_or_else(|| {
         io::Error::new(
             io::ErrorKind::InvalidInput,
@@ -169,7 +169,7 @@ pub fn bind(address: &str, keepalive: Option<&Keepalive>) -> io::Result<Socket> 
 /// off. The user timeout bounds how long unacknowledged data may sit, so a
 /// vanished peer with a full send buffer is reaped too, not only an idle
 /// one.
-pub fn set_keepalive(fd: BorrowedFd<'_>, keepalive: Option<&Keepalive>) -> io::Result<()> {
+fn set_keepalive(fd: BorrowedFd<'_>, keepalive: Option<&Keepalive>) -> io::Result<()> {
     let socket = SockRef::from(&fd);
     match keepalive {
         Some(k) => {

@@ -15,7 +15,7 @@ use async_trait::async_trait;
 use pingora::connectors::http::v1::Connector;
 use pingora::connectors::{ConnectorOptions, TransportConnector};
 use pingora::listeners::tls::TlsSettings;
-use pingora::listeners::{ListenerConfig, Listeners, TcpSocketOptions};
+use pingora::listeners::{ListenerConfig, Listeners};
 use pingora::protocols::l4::stream::L4BufferSettings;
 use pingora::protocols::TcpKeepalive;
 use pingora::server::configuration::{Opt, ServerConf};
@@ -139,12 +139,11 @@ pub fn build(config: Config, options: RunOptions) -> anyhow::Result<(Server, Arc
     if settle {
         listeners.set_pre_tls_callback(Arc::new(SettleBeforeTls));
     }
-    // No socket options of Pingora's own: the keepalive is set once on each
-    // listening socket, by `Listening`, for accepted sockets to inherit.
+    // No socket options for Pingora to set on each accepted socket: the
+    // keepalive is set once on each listening socket, by `Listening`, for
+    // accepted sockets to inherit.
     for listener in &config.listeners {
-        let mut endpoint = ListenerConfig::tcp(listener.address.clone())
-            .tcp_socket_options(TcpSocketOptions::default())
-            .l4_buffer(L4_BUFFER);
+        let mut endpoint = ListenerConfig::tcp(listener.address.clone()).l4_buffer(L4_BUFFER);
         if let Some((cert, key)) = &listener.tls {
             let cert = cert.display().to_string();
             let key = key.display().to_string();
