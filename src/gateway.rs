@@ -134,10 +134,10 @@ impl Gateway {
         let local = self.table.admit(&live.slots, ask);
         match &self.fleet {
             None => local,
+            // Boxed: the Redis call makes this future several KB, and
+            // inline it would size every upgrade's task, fleet or not.
             Some(fleet) => {
-                fleet
-                    .admit(&self.table, &live.route.name, &live.slots, ask, local)
-                    .await
+                Box::pin(fleet.admit(&self.table, &live.route.name, &live.slots, ask, local)).await
             }
         }
     }

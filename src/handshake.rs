@@ -324,7 +324,11 @@ async fn exchange(
     request: &[u8],
     timeout: Duration,
 ) -> Result<Answer, (UpstreamFailure, Box<Error>)> {
-    let mut upstream = transport.new_stream(peer).await.map_err(connect_failed)?;
+    // Boxed: Pingora's connect future is over 8 KB (it holds every TLS
+    // path), and inline it would be copied with each enclosing future.
+    let mut upstream = Box::pin(transport.new_stream(peer))
+        .await
+        .map_err(connect_failed)?;
 
     let talk = async {
         write_all(&mut upstream, request).await?;
