@@ -54,22 +54,6 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# Summed user ticks, system ticks and context switches of every thread of
-# the given comma-separated PIDs. The fields are read after the command
-# name, which may hold spaces.
-usage_of() {
-    local user=0 sys=0 switches=0 pid task fields
-    for pid in ${1//,/ }; do
-        for task in /proc/"$pid"/task/*; do
-            read -r -a fields < <(sed 's/^.*) //' "$task/stat")
-            user=$((user + fields[11]))
-            sys=$((sys + fields[12]))
-            switches=$((switches + $(awk '/ctxt_switches/ { n += $2 } END { print n }' "$task/status")))
-        done
-    done
-    echo "$user $sys $switches"
-}
-
 # CPU ticks of each thread of the given comma-separated PIDs, one
 # `tid ticks` line each, sorted for `join`.
 thread_ticks() {

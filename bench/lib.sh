@@ -36,6 +36,22 @@ pid_tree() {
     echo "$pids"
 }
 
+# Summed user ticks, system ticks and context switches of every thread of
+# the given comma-separated PIDs. The fields are read after the command
+# name, which may hold spaces.
+usage_of() {
+    local user=0 sys=0 switches=0 pid task fields
+    for pid in ${1//,/ }; do
+        for task in /proc/"$pid"/task/*; do
+            read -r -a fields < <(sed 's/^.*) //' "$task/stat")
+            user=$((user + fields[11]))
+            sys=$((sys + fields[12]))
+            switches=$((switches + $(awk '/ctxt_switches/ { n += $2 } END { print n }' "$task/status")))
+        done
+    done
+    echo "$user $sys $switches"
+}
+
 # The bench's wsgate config, written to FILE (ending in .yaml): listening on
 # PORT with its admin on ADMIN, routes /ws (10,000 streams, 10 per client)
 # and /burst (100, 10 per client) to the upstream on UP_PORT; EXTRA, if
