@@ -729,6 +729,37 @@ async fn close(client: &mut Stream) {
 mod tests {
     use super::*;
 
+    /// Every connection's task holds this future while its head is read
+    /// and its upgrade carried, so a burst of handshakes holds it once per
+    /// connection. Pingora's connect future (every TLS path) and the
+    /// fleet's Redis admission are boxed to keep them out of it; inline,
+    /// they more than doubled it.
+    #[tokio::test]
+    async fn a_connections_handshake_future_stays_small() {
+        let yaml = "listen:\n  - address: 127.0.0.1:0\n\
+            admin:\n  address: 127.0.0.1:0\n\
+            routes:\n  - name: ws\n    prefix: /\n    upstream: { url: \"http://127.0.0.1:9\" }\n";
+        let config = crate::config::parse(std::path::Path::new("t.yaml"), yaml).unwrap();
+        let gateway = Gateway::new(config).unwrap();
+        let transport = TransportConnector::new(None);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let stream: Stream = Box::new(pingora::protocols::l4::stream::Stream::from(client));
+
+        let handshake = first(
+            &gateway,
+            &transport,
+            stream,
+            None,
+            TokioInstant::now(),
+            1024,
+        );
+        let size = std::mem::size_of_val(&handshake);
+        assert!(size <= 8 * 1024, "the handshake future is {size} bytes");
+    }
+
     const UPGRADE: &str = "GET /rooms/a%21/ws?x=1 HTTP/1.1\r\nHost: chat.example\r\n\
         Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: abc\r\n\
         Sec-WebSocket-Version: 13\r\n\r\n";
