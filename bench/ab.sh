@@ -9,7 +9,7 @@
 #
 # Usage: bench/ab.sh BINARY [BINARY...]   e.g. two copies of target/release/wsgate
 # Knobs: LOAD=rate|echo ROUNDS=5 SECS=4s CONC=32 (rate) ECHO_CONNS=50 SIZE=64 (echo)
-#        THREADS=2 (wsgate threads and nginx workers) NGINX=1 (0: wsgate builds only)
+#        THREADS=2 (wsgate threads and nginx workers) WITH_NGINX=1 (0: wsgate builds only)
 #        EXTRA=<more lines of wsgate's server: section>
 set -euo pipefail
 
@@ -20,7 +20,7 @@ CONC=${CONC:-32}
 ECHO_CONNS=${ECHO_CONNS:-50}
 SIZE=${SIZE:-64}
 THREADS=${THREADS:-2}
-NGINX=${NGINX:-1}
+WITH_NGINX=${WITH_NGINX:-1}
 [ $# -ge 1 ] || { echo "usage: bench/ab.sh BINARY [BINARY...]" >&2; exit 2; }
 # Named as given, before the directory changes below.
 BINARIES=()
@@ -42,7 +42,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-if [ "$NGINX" = 1 ] && ! command -v nginx >/dev/null; then
+if [ "$WITH_NGINX" = 1 ] && ! command -v nginx >/dev/null; then
     log "installing nginx from Debian's packages"
     apt-get update -qq >&2
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light >&2
@@ -65,25 +65,30 @@ for binary in "${BINARIES[@]}"; do
     i=$((i + 1))
     name="w$i"
     PORT[$name]=$(free_port)
-    write_wsgate_config "$WORK/$name.yaml" "${PORT[$name]}" "$(free_port)" "$UP" "${EXTRA:-}"
-    sed -i "s/^  threads: 2$/  threads: $THREADS/" "$WORK/$name.yaml"
+    write_wsgate_config "$WORK/$name.yaml" "${PORT[$name]}" "$(free_port)" "$UP" "${EXTRA:-}" \
+        "$THREADS"
     WSGATE_LOG=warn "$binary" --config "$WORK/$name.yaml" >"$WORK/$name.log" 2>&1 &
     PIDS[$name]=$!
     STARTED+=($!)
     NAMES+=("$name")
     log "$name: $binary"
 done
-if [ "$NGINX" = 1 ]; then
+if [ "$WITH_NGINX" = 1 ]; then
     PORT[nginx]=$(free_port)
-    write_nginx_config "$WORK" "${PORT[nginx]}" "$UP"
-    sed -i "s/^worker_processes 2;$/worker_processes $THREADS;/" "$WORK/nginx.conf"
-    nginx -c "$WORK/nginx.conf" -p "$WORK/nginx" -e "$WORK/nginx/logs/error.log" \
-        -g 'daemon off;' >"$WORK/nginx.log" 2>&1 &
-    STARTED+=($!)
+    write_nginx_config "$WORK" "${PORT[nginx]}" "$UP" "$THREADS"
+    start_nginx "$WORK" "$WORK/nginx.log"
+    STARTED+=("$NGINX_PID")
     NAMES+=(nginx)
 fi
 for name in "${NAMES[@]}"; do wait_port "${PORT[$name]}"; done
-if [ "$NGINX" = 1 ]; then PIDS[nginx]=$(pid_tree "${STARTED[-1]}"); fi
+if [ "$WITH_NGINX" = 1 ]; then
+    # Its workers are forked after it listens: wait for them, up to 5 s.
+    for _ in $(seq 50); do
+        PIDS[nginx]=$(pid_tree "$NGINX_PID")
+        [ "$(tr -cd , <<<"${PIDS[nginx]}" | wc -c)" -ge "$THREADS" ] && break
+        sleep 0.1
+    done
+fi
 
 case $LOAD in
     rate) args=(rate -c "$CONC"); count=.tally.upgraded; rate=.upgrades_per_second ;;

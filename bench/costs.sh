@@ -198,9 +198,8 @@ for target in $TARGETS; do
             "$BARE" "127.0.0.1:$BP" "127.0.0.1:$UP" 2 >>"$WORK/pingora.log" 2>&1 &
             PID=$! ;;
         nginx) PORT=$NG
-            nginx -c "$WORK/nginx.conf" -p "$WORK/nginx" -e "$WORK/nginx/logs/error.log" \
-                -g 'daemon off;' >>"$WORK/nginx.log" 2>&1 &
-            PID=$! ;;
+            start_nginx "$WORK" "$WORK/nginx.log"
+            PID=$NGINX_PID ;;
         *) log "unknown target $target"; exit 2 ;;
     esac
     wait_port "$PORT"

@@ -55,9 +55,9 @@ usage_of() {
 # The bench's wsgate config, written to FILE (ending in .yaml): listening on
 # PORT with its admin on ADMIN, routes /ws (10,000 streams, 10 per client)
 # and /burst (100, 10 per client) to the upstream on UP_PORT; EXTRA, if
-# given, is more lines of its `server:` section. Its pid file and upgrade
-# socket sit beside FILE.
-# Usage: write_wsgate_config FILE PORT ADMIN UP_PORT [EXTRA]
+# given, is more lines of its `server:` section; THREADS its threads (2).
+# Its pid file and upgrade socket sit beside FILE.
+# Usage: write_wsgate_config FILE PORT ADMIN UP_PORT [EXTRA] [THREADS]
 write_wsgate_config() {
     cat >"$1" <<EOF
 listen:
@@ -65,7 +65,7 @@ listen:
 admin:
   address: 127.0.0.1:$3
 server:
-  threads: 2
+  threads: ${6:-2}
   pid_file: ${1%.yaml}.pid
   upgrade_sock: ${1%.yaml}.sock
   grace_period: 1s
@@ -84,12 +84,13 @@ EOF
 }
 
 # The same limits for nginx (limit_conn), written to DIR/nginx.conf, with
-# its pid, logs and temporary files under DIR/nginx.
-# Usage: write_nginx_config DIR PORT UP_PORT
+# its pid, logs and temporary files under DIR/nginx; WORKERS worker
+# processes (2).
+# Usage: write_nginx_config DIR PORT UP_PORT [WORKERS]
 write_nginx_config() {
     mkdir -p "$1/nginx/logs"
     cat >"$1/nginx.conf" <<EOF
-worker_processes 2;
+worker_processes ${4:-2};
 worker_rlimit_nofile 20000;
 pid $1/nginx/nginx.pid;
 error_log $1/nginx/logs/error.log error;
@@ -119,4 +120,14 @@ http {
     }
 }
 EOF
+}
+
+# Starts nginx in the background, in the foreground of its own job, with
+# the config write_nginx_config wrote to DIR, appending its output to LOG;
+# sets NGINX_PID to its master's PID. NGINX names the binary (nginx).
+# Usage: start_nginx DIR LOG
+start_nginx() {
+    "${NGINX:-nginx}" -c "$1/nginx.conf" -p "$1/nginx" -e "$1/nginx/logs/error.log" \
+        -g 'daemon off;' >>"$2" 2>&1 &
+    NGINX_PID=$!
 }

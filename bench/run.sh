@@ -143,9 +143,8 @@ start_target() {
             "$BARE" "127.0.0.1:$BP" "127.0.0.1:$UP" 2 >>"$WORK/pingora.log" 2>&1 &
             PID=$! ;;
         nginx) PORT=$NG
-            "$NGINX" -c "$WORK/nginx.conf" -p "$WORK/nginx" -e "$WORK/nginx/logs/error.log" \
-                -g 'daemon off;' >>"$WORK/nginx.log" 2>&1 &
-            PID=$! ;;
+            start_nginx "$WORK" "$WORK/nginx.log"
+            PID=$NGINX_PID ;;
         haproxy) PORT=$HA
             "$HAPROXY" -db -f "$WORK/haproxy.cfg" >>"$WORK/haproxy.log" 2>&1 &
             PID=$! ;;
