@@ -14,7 +14,7 @@ use crossbeam_utils::CachePadded;
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hash};
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
@@ -179,42 +179,82 @@ pub enum Admission {
     Refused(Scope),
 }
 
-/// One shard of a keyed count, on a cache line of its own.
-type Shard<K> = CachePadded<Mutex<HashMap<K, u32>>>;
+/// Room for new keys that a shard takes from its counter's total at once,
+/// while the total is far from the cap.
+const LEASE: usize = 8;
+
+/// The most spare room a shard keeps after a key leaves it; beyond this it
+/// gives back all but [`LEASE`].
+const KEEP: usize = 2 * LEASE;
+
+/// How far from the cap the total must be for a shard to take a whole
+/// [`LEASE`]; closer, it takes room one key at a time. Twice what all shards
+/// can hold spare, so leases never crowd out a key while room is plenty.
+const PLENTY: usize = 2 * SHARDS * KEEP;
+
+/// One shard of a keyed count: its keys, and room for new keys that it took
+/// from the counter's total but has not used yet.
+#[derive(Debug)]
+struct Shard<K> {
+    counts: HashMap<K, u32>,
+    spare: usize,
+}
 
 /// A count per key, sharded to keep lock hold times short under contention.
+///
+/// The cap on tracked keys is exact without every new key touching one
+/// shared count: `reserved` holds the keys plus every shard's spare room,
+/// and a shard takes room in leases and uses them under its own lock. When
+/// the total is at the cap, a new key first takes back every shard's spare
+/// room ([`KeyedCounter::sweep`]), so it is refused only when every reserved
+/// place holds a key.
 #[derive(Debug)]
 pub struct KeyedCounter<K> {
-    // Each shard and the tracked count on a cache line of its own: threads
+    // Each shard and the shared counts on a cache line of their own: threads
     // admitting different keys must not slow each other down through lines
     // they merely share.
-    shards: Box<[Shard<K>]>,
+    shards: Box<[CachePadded<Mutex<Shard<K>>>]>,
     hasher: std::collections::hash_map::RandomState,
-    tracked: CachePadded<AtomicUsize>,
+    /// Keys tracked plus spare room; within the cap in force when each
+    /// place was taken.
+    reserved: CachePadded<AtomicUsize>,
+    /// Set by a sweep that may have found no spare room, cleared whenever a
+    /// shard gains some: while set, a refusal need not sweep again.
+    swept_empty: CachePadded<AtomicBool>,
 }
 
 impl<K: Hash + Eq + Clone> Default for KeyedCounter<K> {
     fn default() -> Self {
         Self {
             shards: (0..SHARDS)
-                .map(|_| CachePadded::new(Mutex::new(HashMap::new())))
+                .map(|_| {
+                    CachePadded::new(Mutex::new(Shard {
+                        counts: HashMap::new(),
+                        spare: 0,
+                    }))
+                })
                 .collect(),
             hasher: Default::default(),
-            tracked: CachePadded::new(AtomicUsize::new(0)),
+            reserved: CachePadded::new(AtomicUsize::new(0)),
+            swept_empty: CachePadded::new(AtomicBool::new(false)),
         }
     }
 }
 
+/// A poisoned shard only means another thread panicked while holding it; the
+/// counts inside were updated before any code that can panic.
+fn lock<K>(shard: &Mutex<Shard<K>>) -> MutexGuard<'_, Shard<K>> {
+    shard.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 impl<K: Hash + Eq + Clone> KeyedCounter<K> {
-    fn shard<Q>(&self, key: &Q) -> MutexGuard<'_, HashMap<K, u32>>
+    fn shard<Q>(&self, key: &Q) -> MutexGuard<'_, Shard<K>>
     where
         K: std::borrow::Borrow<Q>,
         Q: Hash + ?Sized,
     {
         let i = self.hasher.hash_one(key) as usize & (SHARDS - 1);
-        // A poisoned shard only means another thread panicked while holding it;
-        // the counts inside were updated before any code that can panic.
-        self.shards[i].lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.shards[i])
     }
 
     /// Takes one slot for `key` unless it already holds `limit`. With `force`,
@@ -225,32 +265,90 @@ impl<K: Hash + Eq + Clone> KeyedCounter<K> {
         Q: Hash + Eq + ToOwned + ?Sized,
         Q::Owned: Into<K>,
     {
-        let mut shard = self.shard(key);
-        let current = shard.get(key).copied().unwrap_or(0);
-        let over = current >= limit;
-        if over && !force {
-            return Taken::No;
-        }
-
-        if current == 0 {
-            // Reserve room for the new key before inserting it, so racing
-            // shards cannot together overshoot the cap.
-            let room = self
-                .tracked
-                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                    (n < max_keys).then_some(n + 1)
-                });
-            if room.is_err() {
-                return Taken::Full;
+        let mut swept = false;
+        loop {
+            let mut shard = self.shard(key);
+            let current = shard.counts.get(key).copied().unwrap_or(0);
+            let over = current >= limit;
+            if over && !force {
+                return Taken::No;
             }
-            shard.insert(key.to_owned().into(), 1);
-        } else if let Some(count) = shard.get_mut(key) {
-            *count += 1;
+
+            if current == 0 {
+                if !self.take_room(&mut shard, max_keys) {
+                    // Room may sit spare in other shards. They are locked
+                    // one at a time, never with this one held; the key is
+                    // looked up again afterwards, since it may have come in.
+                    drop(shard);
+                    if swept || !self.sweep() {
+                        return Taken::Full;
+                    }
+                    swept = true;
+                    continue;
+                }
+                shard.counts.insert(key.to_owned().into(), 1);
+            } else if let Some(count) = shard.counts.get_mut(key) {
+                *count += 1;
+            }
+            return if over { Taken::OverLimit } else { Taken::Yes };
         }
-        if over {
-            Taken::OverLimit
-        } else {
-            Taken::Yes
+    }
+
+    /// Finds room for one new key in `shard`: its spare room, or a lease from
+    /// the total while that is under `max_keys`.
+    fn take_room(&self, shard: &mut Shard<K>, max_keys: usize) -> bool {
+        // Spare room was taken under the cap then in force; a reload may
+        // have lowered it since, and then the sweep takes the room back.
+        if shard.spare > 0 && self.reserved.load(Ordering::Acquire) <= max_keys {
+            shard.spare -= 1;
+            return true;
+        }
+        let lease = |reserved: usize| match max_keys.saturating_sub(reserved) {
+            0 => None,
+            room if room >= PLENTY => Some(LEASE),
+            _ => Some(1),
+        };
+        let Ok(before) = self
+            .reserved
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| Some(n + lease(n)?))
+        else {
+            return false;
+        };
+        let extra = lease(before).unwrap_or(1) - 1;
+        if extra > 0 {
+            shard.spare += extra;
+            self.gained_spare();
+        }
+        true
+    }
+
+    /// Takes every shard's spare room back into the total; whether there
+    /// was any.
+    fn sweep(&self) -> bool {
+        if self.swept_empty.load(Ordering::Acquire) {
+            return false;
+        }
+        // Set before looking: a shard that gains room after it was looked
+        // at clears it again (`gained_spare`), so that room is not skipped.
+        self.swept_empty.store(true, Ordering::Release);
+        let mut freed = 0;
+        for shard in self.shards.iter() {
+            freed += std::mem::take(&mut lock(shard).spare);
+        }
+        if freed == 0 {
+            return false;
+        }
+        self.reserved.fetch_sub(freed, Ordering::AcqRel);
+        self.swept_empty.store(false, Ordering::Release);
+        true
+    }
+
+    /// Called with a shard's lock held, after it gained spare room.
+    fn gained_spare(&self) {
+        // Read first: the flag is written only near the cap, so its line
+        // stays shared between cores the rest of the time.
+        if self.swept_empty.load(Ordering::Acquire) {
+            self.swept_empty.store(false, Ordering::Release);
         }
     }
 
@@ -260,20 +358,26 @@ impl<K: Hash + Eq + Clone> KeyedCounter<K> {
         Q: Hash + Eq + ?Sized,
     {
         let mut shard = self.shard(key);
-        let Some(count) = shard.get_mut(key) else {
+        let Some(count) = shard.counts.get_mut(key) else {
             debug_assert!(false, "released a key that holds no slot");
             return;
         };
         *count -= 1;
         if *count == 0 {
-            shard.remove(key);
-            self.tracked.fetch_sub(1, Ordering::Relaxed);
+            shard.counts.remove(key);
+            shard.spare += 1;
+            if shard.spare > KEEP {
+                let back = shard.spare - LEASE;
+                shard.spare = LEASE;
+                self.reserved.fetch_sub(back, Ordering::AcqRel);
+            }
+            self.gained_spare();
         }
     }
 
     /// How many keys hold at least one slot.
     pub fn tracked(&self) -> usize {
-        self.tracked.load(Ordering::Relaxed)
+        self.shards.iter().map(|s| lock(s).counts.len()).sum()
     }
 
     /// The current count of one key.
@@ -282,17 +386,14 @@ impl<K: Hash + Eq + Clone> KeyedCounter<K> {
         K: std::borrow::Borrow<Q>,
         Q: Hash + Eq + ?Sized,
     {
-        self.shard(key).get(key).copied().unwrap_or(0)
+        self.shard(key).counts.get(key).copied().unwrap_or(0)
     }
 
     /// The highest count of any one key (0 when none is tracked).
     pub fn max(&self) -> u32 {
         self.shards
             .iter()
-            .map(|shard| {
-                let shard = shard.lock().unwrap_or_else(|e| e.into_inner());
-                shard.values().copied().max().unwrap_or(0)
-            })
+            .map(|shard| lock(shard).counts.values().copied().max().unwrap_or(0))
             .max()
             .unwrap_or(0)
     }
@@ -301,8 +402,7 @@ impl<K: Hash + Eq + Clone> KeyedCounter<K> {
     pub fn busiest(&self, n: usize) -> Vec<(K, u32)> {
         let mut all: Vec<(K, u32)> = Vec::new();
         for shard in self.shards.iter() {
-            let shard = shard.lock().unwrap_or_else(|e| e.into_inner());
-            all.extend(shard.iter().map(|(k, v)| (k.clone(), *v)));
+            all.extend(lock(shard).counts.iter().map(|(k, v)| (k.clone(), *v)));
         }
         all.sort_unstable_by_key(|(_, n)| std::cmp::Reverse(*n));
         all.truncate(n);
@@ -965,6 +1065,120 @@ mod tests {
         held.lock().unwrap().clear();
         assert_eq!(route.live(), 0);
         assert_eq!(route.keys().tracked(), 0);
+    }
+
+    /// Takes new keys `name-0`, `name-1`, ... until the counter refuses one;
+    /// how many it took.
+    fn fill(counter: &KeyedCounter<Box<str>>, name: &str, max_keys: usize) -> usize {
+        let mut taken = 0;
+        loop {
+            let key = format!("{name}-{taken}");
+            match counter.acquire(key.as_str(), 1, false, max_keys) {
+                Taken::Yes => taken += 1,
+                Taken::Full => return taken,
+                other => panic!("{key}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn the_key_cap_is_exact_though_shards_take_room_in_leases() {
+        // Far enough above the point where leases stop that the first keys
+        // leave spare room in most shards.
+        let cap = PLENTY + 100;
+        let counter = KeyedCounter::<Box<str>>::default();
+        assert_eq!(fill(&counter, "a", cap), cap, "every place holds a key");
+        assert_eq!(counter.tracked(), cap);
+
+        // Keys leaving from all over the table leave their room spare in
+        // their shards; a new key in any shard finds it.
+        for i in (0..cap).step_by(7) {
+            counter.release(format!("a-{i}").as_str());
+        }
+        let left = cap - cap.div_ceil(7);
+        assert_eq!(counter.tracked(), left);
+        assert_eq!(fill(&counter, "b", cap), cap - left);
+        assert_eq!(counter.tracked(), cap);
+
+        for i in 0..cap {
+            let key = format!("a-{i}");
+            if counter.get(key.as_str()) > 0 {
+                counter.release(key.as_str());
+            }
+        }
+        for i in 0..cap - left {
+            counter.release(format!("b-{i}").as_str());
+        }
+        assert_eq!(counter.tracked(), 0);
+        let spare: usize = counter.shards.iter().map(|s| lock(s).spare).sum();
+        assert_eq!(counter.reserved.load(Ordering::Relaxed), spare);
+        assert!(spare <= SHARDS * KEEP, "spare room is bounded: {spare}");
+    }
+
+    #[test]
+    fn a_lowered_key_cap_holds_despite_spare_room() {
+        let counter = KeyedCounter::<Box<str>>::default();
+        let shard_of = |key: &str| counter.hasher.hash_one(key) as usize & (SHARDS - 1);
+        // A second key in the first one's shard, where the spare room is.
+        let b = (0..)
+            .map(|i| format!("b{i}"))
+            .find(|b| shard_of(b) == shard_of("a"))
+            .unwrap();
+        assert!(matches!(counter.acquire("a", 1, false, 10_000), Taken::Yes));
+        assert_eq!(lock(&counter.shards[shard_of("a")]).spare, LEASE - 1);
+
+        // A reload lowers the cap to the one key already tracked.
+        assert!(matches!(
+            counter.acquire(b.as_str(), 1, false, 1),
+            Taken::Full
+        ));
+        assert!(matches!(counter.acquire("a", 2, false, 1), Taken::Yes));
+        assert_eq!(counter.tracked(), 1);
+
+        counter.release("a");
+        counter.release("a");
+        assert!(matches!(
+            counter.acquire(b.as_str(), 1, false, 1),
+            Taken::Yes
+        ));
+        assert!(matches!(counter.acquire("c", 1, false, 1), Taken::Full));
+    }
+
+    #[test]
+    fn racing_new_keys_fill_the_cap_exactly() {
+        let cap = PLENTY + 300;
+        let counter = KeyedCounter::<Box<str>>::default();
+        for round in 0..3 {
+            let taken: usize = std::thread::scope(|s| {
+                let fills: Vec<_> = (0..4)
+                    .map(|t| {
+                        let counter = &counter;
+                        s.spawn(move || fill(counter, &format!("{round}-{t}"), cap))
+                    })
+                    .collect();
+                fills.into_iter().map(|f| f.join().unwrap()).sum()
+            });
+            assert_eq!(taken, cap, "round {round}");
+            assert_eq!(counter.tracked(), cap);
+
+            // Give them all back from as many threads, for the next round.
+            std::thread::scope(|s| {
+                for part in 0..4 {
+                    let counter = &counter;
+                    s.spawn(move || {
+                        for t in 0..4 {
+                            for i in (part..cap).step_by(4) {
+                                let key = format!("{round}-{t}-{i}");
+                                if counter.get(key.as_str()) > 0 {
+                                    counter.release(key.as_str());
+                                }
+                            }
+                        }
+                    });
+                }
+            });
+            assert_eq!(counter.tracked(), 0);
+        }
     }
 
     mod properties {
