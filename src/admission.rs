@@ -221,6 +221,9 @@ pub struct KeyedCounter<K> {
     /// Set by a sweep that may have found no spare room, cleared whenever a
     /// shard gains some: while set, a refusal need not sweep again.
     swept_empty: CachePadded<AtomicBool>,
+    /// Held by a new key at the cap while it sweeps and tries again; taken
+    /// before any shard's lock, never while one is held.
+    at_cap: Mutex<()>,
 }
 
 impl<K: Hash + Eq + Clone> Default for KeyedCounter<K> {
@@ -237,6 +240,7 @@ impl<K: Hash + Eq + Clone> Default for KeyedCounter<K> {
             hasher: Default::default(),
             reserved: CachePadded::new(AtomicUsize::new(0)),
             swept_empty: CachePadded::new(AtomicBool::new(false)),
+            at_cap: Mutex::new(()),
         }
     }
 }
@@ -265,8 +269,48 @@ impl<K: Hash + Eq + Clone> KeyedCounter<K> {
         Q: Hash + Eq + ToOwned + ?Sized,
         Q::Owned: Into<K>,
     {
+        let mut shard = self.shard(key);
+        let current = shard.counts.get(key).copied().unwrap_or(0);
+        let over = current >= limit;
+        if over && !force {
+            return Taken::No;
+        }
+
+        if current == 0 {
+            if !self.take_room(&mut shard, max_keys) {
+                drop(shard);
+                return self.acquire_at_cap(key, limit, force, max_keys);
+            }
+            shard.counts.insert(key.to_owned().into(), 1);
+        } else if let Some(count) = shard.counts.get_mut(key) {
+            *count += 1;
+        }
+        if over {
+            Taken::OverLimit
+        } else {
+            Taken::Yes
+        }
+    }
+
+    /// [`acquire`](Self::acquire) for a new key that found no room: room may
+    /// sit spare in other shards, so it sweeps that back and tries again.
+    ///
+    /// New keys at the cap take turns here. Otherwise one could find another's
+    /// sweep half done, its room already taken from the shards and not yet
+    /// given to the total, and be refused below the cap.
+    #[cold]
+    fn acquire_at_cap<Q>(&self, key: &Q, limit: u32, force: bool, max_keys: usize) -> Taken
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: Hash + Eq + ToOwned + ?Sized,
+        Q::Owned: Into<K>,
+    {
+        let _turn = self.at_cap.lock().unwrap_or_else(|e| e.into_inner());
         let mut swept = false;
         loop {
+            // Looked up again: the key may have come in, or its count moved,
+            // while no lock was held. Room may have come free too, from a
+            // sweep before this turn.
             let mut shard = self.shard(key);
             let current = shard.counts.get(key).copied().unwrap_or(0);
             let over = current >= limit;
@@ -274,21 +318,20 @@ impl<K: Hash + Eq + Clone> KeyedCounter<K> {
                 return Taken::No;
             }
 
-            if current == 0 {
-                if !self.take_room(&mut shard, max_keys) {
-                    // Room may sit spare in other shards. They are locked
-                    // one at a time, never with this one held; the key is
-                    // looked up again afterwards, since it may have come in.
-                    drop(shard);
-                    if swept || !self.sweep() {
-                        return Taken::Full;
-                    }
-                    swept = true;
-                    continue;
+            if current > 0 {
+                if let Some(count) = shard.counts.get_mut(key) {
+                    *count += 1;
                 }
+            } else if self.take_room(&mut shard, max_keys) {
                 shard.counts.insert(key.to_owned().into(), 1);
-            } else if let Some(count) = shard.counts.get_mut(key) {
-                *count += 1;
+            } else {
+                // Shards are locked one at a time, never with this one held.
+                drop(shard);
+                if swept || !self.sweep() {
+                    return Taken::Full;
+                }
+                swept = true;
+                continue;
             }
             return if over { Taken::OverLimit } else { Taken::Yes };
         }
@@ -323,7 +366,7 @@ impl<K: Hash + Eq + Clone> KeyedCounter<K> {
     }
 
     /// Takes every shard's spare room back into the total; whether there
-    /// was any.
+    /// was any. Only with `at_cap` held.
     fn sweep(&self) -> bool {
         if self.swept_empty.load(Ordering::Acquire) {
             return false;
@@ -377,7 +420,11 @@ impl<K: Hash + Eq + Clone> KeyedCounter<K> {
 
     /// How many keys hold at least one slot.
     pub fn tracked(&self) -> usize {
-        self.shards.iter().map(|s| lock(s).counts.len()).sum()
+        // Every shard at once, so that a key leaving one shard while another
+        // comes into the next is not counted twice, or not at all. No other
+        // path holds two shards' locks, so this cannot deadlock.
+        let shards: Vec<_> = self.shards.iter().map(|s| lock(s)).collect();
+        shards.iter().map(|s| s.counts.len()).sum()
     }
 
     /// The current count of one key.
@@ -1179,6 +1226,88 @@ mod tests {
             });
             assert_eq!(counter.tracked(), 0);
         }
+    }
+
+    fn shard_of(counter: &KeyedCounter<Box<str>>, key: &str) -> usize {
+        counter.hasher.hash_one(key) as usize & (SHARDS - 1)
+    }
+
+    #[test]
+    fn new_keys_racing_at_the_cap_take_the_room_keys_left() {
+        // Keys that leave at the cap leave their places spare in their own
+        // shards; new keys racing for them from other shards must all get
+        // one, though each must sweep (and one may meet another's sweep).
+        let (cap, racers) = (100, 4);
+        for round in 0..500 {
+            let counter = KeyedCounter::<Box<str>>::default();
+            assert_eq!(fill(&counter, "a", cap), cap);
+            let mut spare = std::collections::HashSet::new();
+            for i in 0..racers {
+                let key = format!("a-{i}");
+                spare.insert(shard_of(&counter, &key));
+                counter.release(key.as_str());
+            }
+            let new: Vec<String> = (0..)
+                .map(|i| format!("{round}-{i}"))
+                .filter(|k| !spare.contains(&shard_of(&counter, k)))
+                .take(racers)
+                .collect();
+            let start = std::sync::Barrier::new(racers);
+            let taken: Vec<Taken> = std::thread::scope(|s| {
+                let racing: Vec<_> = new
+                    .iter()
+                    .map(|key| {
+                        let (counter, start) = (&counter, &start);
+                        s.spawn(move || {
+                            start.wait();
+                            counter.acquire(key.as_str(), 1, false, cap)
+                        })
+                    })
+                    .collect();
+                racing.into_iter().map(|r| r.join().unwrap()).collect()
+            });
+            assert!(
+                taken.iter().all(|t| matches!(t, Taken::Yes)),
+                "round {round}: {taken:?}, {} of {cap} tracked",
+                counter.tracked()
+            );
+        }
+    }
+
+    #[test]
+    fn tracked_never_reads_over_the_cap_while_keys_come_and_go() {
+        let cap = 64;
+        let counter = KeyedCounter::<Box<str>>::default();
+        assert_eq!(fill(&counter, "a", cap), cap);
+        let done = AtomicBool::new(false);
+        let most = std::thread::scope(|s| {
+            let reader = s.spawn(|| {
+                // At least one reading, however the threads are scheduled.
+                let mut most = 0;
+                loop {
+                    most = most.max(counter.tracked());
+                    if done.load(Ordering::Relaxed) {
+                        return most;
+                    }
+                }
+            });
+            // At the cap, one key leaves and another comes, over and over.
+            let mut held: std::collections::VecDeque<String> =
+                (0..cap).map(|i| format!("a-{i}")).collect();
+            for i in 0..100_000 {
+                let gone = held.pop_front().unwrap();
+                counter.release(gone.as_str());
+                let key = format!("b-{i}");
+                assert!(matches!(
+                    counter.acquire(key.as_str(), 1, false, cap),
+                    Taken::Yes
+                ));
+                held.push_back(key);
+            }
+            done.store(true, Ordering::Relaxed);
+            reader.join().unwrap()
+        });
+        assert_eq!(most, cap, "a reading over the cap, or none at it");
     }
 
     mod properties {
