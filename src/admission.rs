@@ -269,72 +269,52 @@ impl<K: Hash + Eq + Clone> KeyedCounter<K> {
         Q: Hash + Eq + ToOwned + ?Sized,
         Q::Owned: Into<K>,
     {
-        let mut shard = self.shard(key);
-        let current = shard.counts.get(key).copied().unwrap_or(0);
-        let over = current >= limit;
-        if over && !force {
-            return Taken::No;
+        if let Some(taken) = self.try_acquire(key, limit, force, max_keys) {
+            return taken;
         }
 
-        if current == 0 {
-            if !self.take_room(&mut shard, max_keys) {
-                drop(shard);
-                return self.acquire_at_cap(key, limit, force, max_keys);
+        // A new key found no room: room may sit spare in other shards. New
+        // keys at the cap take turns, or one could find another's sweep half
+        // done, its room taken from the shards and not yet given back to the
+        // total, and be refused below the cap. The first try in a turn may
+        // find room that the previous turn's sweep freed.
+        let _turn = self.at_cap.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(taken) = self.try_acquire(key, limit, force, max_keys) {
+            return taken;
+        }
+        if self.sweep() {
+            if let Some(taken) = self.try_acquire(key, limit, force, max_keys) {
+                return taken;
             }
-            shard.counts.insert(key.to_owned().into(), 1);
-        } else if let Some(count) = shard.counts.get_mut(key) {
-            *count += 1;
         }
-        if over {
-            Taken::OverLimit
-        } else {
-            Taken::Yes
-        }
+        Taken::Full
     }
 
-    /// [`acquire`](Self::acquire) for a new key that found no room: room may
-    /// sit spare in other shards, so it sweeps that back and tries again.
-    ///
-    /// New keys at the cap take turns here. Otherwise one could find another's
-    /// sweep half done, its room already taken from the shards and not yet
-    /// given to the total, and be refused below the cap.
-    #[cold]
-    fn acquire_at_cap<Q>(&self, key: &Q, limit: u32, force: bool, max_keys: usize) -> Taken
+    /// [`acquire`](Self::acquire) under this key's shard lock alone; `None`
+    /// when the key is new and finds no room in its shard or the total.
+    /// Released before any other shard is locked.
+    fn try_acquire<Q>(&self, key: &Q, limit: u32, force: bool, max_keys: usize) -> Option<Taken>
     where
         K: std::borrow::Borrow<Q>,
         Q: Hash + Eq + ToOwned + ?Sized,
         Q::Owned: Into<K>,
     {
-        let _turn = self.at_cap.lock().unwrap_or_else(|e| e.into_inner());
-        let mut swept = false;
-        loop {
-            // Looked up again: the key may have come in, or its count moved,
-            // while no lock was held. Room may have come free too, from a
-            // sweep before this turn.
-            let mut shard = self.shard(key);
-            let current = shard.counts.get(key).copied().unwrap_or(0);
-            let over = current >= limit;
-            if over && !force {
-                return Taken::No;
-            }
-
-            if current > 0 {
-                if let Some(count) = shard.counts.get_mut(key) {
-                    *count += 1;
-                }
-            } else if self.take_room(&mut shard, max_keys) {
-                shard.counts.insert(key.to_owned().into(), 1);
-            } else {
-                // Shards are locked one at a time, never with this one held.
-                drop(shard);
-                if swept || !self.sweep() {
-                    return Taken::Full;
-                }
-                swept = true;
-                continue;
-            }
-            return if over { Taken::OverLimit } else { Taken::Yes };
+        let mut shard = self.shard(key);
+        let current = shard.counts.get(key).copied().unwrap_or(0);
+        let over = current >= limit;
+        if over && !force {
+            return Some(Taken::No);
         }
+
+        if current == 0 {
+            if !self.take_room(&mut shard, max_keys) {
+                return None;
+            }
+            shard.counts.insert(key.to_owned().into(), 1);
+        } else if let Some(count) = shard.counts.get_mut(key) {
+            *count += 1;
+        }
+        Some(if over { Taken::OverLimit } else { Taken::Yes })
     }
 
     /// Finds room for one new key in `shard`: its spare room, or a lease from
@@ -366,7 +346,7 @@ impl<K: Hash + Eq + Clone> KeyedCounter<K> {
     }
 
     /// Takes every shard's spare room back into the total; whether there
-    /// was any. Only with `at_cap` held.
+    /// was any. Only with `at_cap` held and no shard's lock.
     fn sweep(&self) -> bool {
         if self.swept_empty.load(Ordering::Acquire) {
             return false;
@@ -1279,6 +1259,14 @@ mod tests {
         let cap = 64;
         let counter = KeyedCounter::<Box<str>>::default();
         assert_eq!(fill(&counter, "a", cap), cap);
+        /// Stops the reader however the writer ends, a failed assertion
+        /// included, so that a failure cannot hang the test.
+        struct Done<'a>(&'a AtomicBool);
+        impl Drop for Done<'_> {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::Relaxed);
+            }
+        }
         let done = AtomicBool::new(false);
         let most = std::thread::scope(|s| {
             let reader = s.spawn(|| {
@@ -1291,6 +1279,7 @@ mod tests {
                     }
                 }
             });
+            let stop = Done(&done);
             // At the cap, one key leaves and another comes, over and over.
             let mut held: std::collections::VecDeque<String> =
                 (0..cap).map(|i| format!("a-{i}")).collect();
@@ -1304,7 +1293,7 @@ mod tests {
                 ));
                 held.push_back(key);
             }
-            done.store(true, Ordering::Relaxed);
+            drop(stop);
             reader.join().unwrap()
         });
         assert_eq!(most, cap, "a reading over the cap, or none at it");
